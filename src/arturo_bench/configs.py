@@ -1,0 +1,410 @@
+"""Experiment and optimizer configs: the paper's six experiments with the published hyperparameters.
+
+Every value can be overridden from the command line with ``--set KEY=VALUE``:
+
+- ``--set epochs=40`` or ``--set milestones=20,30`` change the experiment;
+- ``--set arturo.lr=0.05`` or ``--set sgd.momentum=0.9`` change one optimizer.
+
+The published values are transcribed at full precision from the paper's code (see
+``shared/published_hparams.yaml`` in the project's steering repo). The code holds them, so an
+installed package needs no data files; ``arturo-bench show EXPERIMENT`` prints any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ArturoConfig",
+    "AdamConfig",
+    "AdamWConfig",
+    "SGDConfig",
+    "IVONConfig",
+    "ExperimentConfig",
+    "EXPERIMENTS",
+    "OPTIMIZERS",
+    "QUICK",
+    "get_experiment",
+    "apply_overrides",
+    "scale_epochs",
+    "to_dict",
+]
+
+DEFAULT_OPTIMIZERS = ("arturo", "adam", "adamw", "sgd")
+
+
+# ----------------------------------------------------------------------------- optimizers
+@dataclass(kw_only=True)
+class ArturoConfig:
+    """arTuRO; published names in brackets."""
+
+    lr: float  # KL bound epsilon [kl_bound]; MultiStepLR scales it like a learning rate
+    reg_weight: float  # entropy regularisation weight omega [reg_weight]
+    filter_measurement_noise: float  # Kalman-filter measurement noise r [measurement_noise]
+    filter_process_noise: float  # filter process (dynamic-model) noise q [dynamic_model_noise]
+    weight_decay: float  # kappa [weight_decay]
+    prior_precision: float = 0.0015  # lambda_0 [prior_prec]
+    init_variance: float = 0.01  # sigma_0^2 [var_init]
+    precision_inertia: float = 1.3  # nu [nu]
+    filter_init_cov: float = 5e-5  # p_0 [start_filter_cov]
+    init_curvature: float = 0.1  # h_0; 0.1 in every published experiment
+    gamma: float = 0.006  # MultiStepLR factor [multi_step_lr_gamma]; eta_tol is unused here
+
+
+@dataclass(kw_only=True)
+class AdamConfig:
+    """torch.optim.Adam."""
+
+    lr: float  # learning rate
+    beta1: float  # first-moment decay [beta_1]
+    beta2: float  # second-moment decay [beta_2]
+    weight_decay: float  # published value, kept for the record; see apply_weight_decay
+    apply_weight_decay: bool = False  # the published harness never passed weight_decay to Adam
+    gamma: float = 0.1  # MultiStepLR factor
+
+
+@dataclass(kw_only=True)
+class AdamWConfig:
+    """torch.optim.AdamW (decoupled weight decay)."""
+
+    lr: float  # learning rate
+    beta1: float  # first-moment decay [beta_1]
+    beta2: float  # second-moment decay [beta_2]
+    weight_decay: float  # decoupled weight decay
+    gamma: float = 0.1  # MultiStepLR factor
+
+
+@dataclass(kw_only=True)
+class SGDConfig:
+    """torch.optim.SGD with heavy-ball momentum."""
+
+    lr: float  # learning rate
+    momentum: float  # heavy-ball momentum
+    weight_decay: float  # L2 penalty added to the gradient (torch's coupled form)
+    gamma: float = 0.1  # MultiStepLR factor
+
+
+@dataclass(kw_only=True)
+class IVONConfig:
+    """IVON (PyPI ``ivon-opt``), an optional peer. Not tuned: the IVON authors' suggested
+    starting point (lr 0.1, ess = training-set size, beta2 0.99999), their clip radius 1e-3,
+    and one MC sample per step, so that it costs one forward/backward like the others."""
+
+    lr: float = 0.1  # learning rate
+    ess: float = 0.0  # effective sample size; 0 means "the training-set size"
+    hess_init: float = 1.0  # initial Hessian estimate (library default)
+    beta1: float = 0.9  # gradient momentum
+    beta2: float = 0.99999  # Hessian momentum
+    weight_decay: float = 1e-4  # prior precision (library default)
+    mc_samples: int = 1  # weight samples per step (each costs a forward/backward)
+    clip_radius: float = 1e-3  # elementwise clip of the update
+    gamma: float = 0.1  # MultiStepLR factor
+
+
+OptimizerConfig = ArturoConfig | AdamConfig | AdamWConfig | SGDConfig | IVONConfig
+OPTIMIZERS: dict[str, type] = {
+    "arturo": ArturoConfig,
+    "adam": AdamConfig,
+    "adamw": AdamWConfig,
+    "sgd": SGDConfig,
+    "ivon": IVONConfig,
+}
+
+
+# ----------------------------------------------------------------------------- experiments
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """One paper experiment plus the optimizers it is run with."""
+
+    name: str  # experiment name, also the first level of the run directory
+    dataset: str  # fmnist | cifar10 | cifar100
+    model: str  # cnn_f | cnn_c | resnet18 | resnet34 (see arturo_bench.models)
+    epochs: int  # training epochs
+    milestones: tuple[int, ...]  # MultiStepLR milestones (epochs), stepped once per epoch
+    batch_size: int = 255  # training batch size (published: 255)
+    test_batch_size: int = 255  # evaluation batch size (published: 255)
+    drop_last: bool = False  # keep the last partial batch, like the published DataLoader
+    train_subset: int = 0  # >0: train on this many examples (fixed subset); quick mode
+    test_subset: int = 0  # >0: evaluate on this many test examples (fixed subset)
+    stats_every: int = 10  # arturo: read opt.stats() every N steps (each read syncs the device)
+    target_acc: float = 0.90  # "first epoch reaching" this test accuracy, for the summary
+    optimizers: dict[str, Any] = field(default_factory=dict)  # name -> optimizer config
+
+
+def _arturo(lr: float, reg: float, r: float, q: float, wd: float) -> ArturoConfig:
+    return ArturoConfig(
+        lr=lr, reg_weight=reg, filter_measurement_noise=r, filter_process_noise=q, weight_decay=wd
+    )
+
+
+def _adam(lr: float, b1: float, b2: float, wd: float) -> AdamConfig:
+    return AdamConfig(lr=lr, beta1=b1, beta2=b2, weight_decay=wd)
+
+
+def _adamw(lr: float, b1: float, b2: float, wd: float) -> AdamWConfig:
+    return AdamWConfig(lr=lr, beta1=b1, beta2=b2, weight_decay=wd)
+
+
+def _sgd(lr: float, momentum: float, wd: float) -> SGDConfig:
+    return SGDConfig(lr=lr, momentum=momentum, weight_decay=wd)
+
+
+_ARTURO_FMNIST = (
+    0.08567456308209788,
+    0.05865661620286048,
+    2.8167911612651997,
+    0.017392958232048346,
+    1.5403963328610538e-06,
+)
+_ARTURO_CIFAR_CNN = (
+    0.0027874950489428373,
+    0.29678595692807475,
+    1.2197500060716369,
+    0.0024552552650014426,
+    0.0,
+)
+_ADAM_CIFAR_CNN = (
+    0.001128815397451714,
+    0.8511573305016629,
+    0.9989395313299604,
+    0.0010896508199628118,
+)
+_SGD_CIFAR_CNN = (0.01783363359054504, 0.9467621764163304, 0.0001632297890687358)
+
+
+def _experiments() -> dict[str, ExperimentConfig]:
+    fmnist = dict(dataset="fmnist", epochs=120, milestones=(60, 90))
+    cifar = dict(epochs=160, milestones=(80, 120))
+    return {
+        "fmnist_cnn": ExperimentConfig(
+            name="fmnist_cnn",
+            model="cnn_f",
+            **fmnist,
+            optimizers={
+                "arturo": _arturo(*_ARTURO_FMNIST),
+                "adam": _adam(0.0010124381281468571, 0.9452561249176903, 0.9903417453021011, 0.0),
+                "adamw": _adamw(
+                    0.0010042022959335032,
+                    0.9222472693342788,
+                    0.9999446218805058,
+                    0.00014236954411167154,
+                ),
+                "sgd": _sgd(0.07104941466307176, 0.8657299202128064, 0.0002247076258274683),
+            },
+        ),
+        "fmnist_resnet18": ExperimentConfig(
+            name="fmnist_resnet18",
+            model="resnet18",
+            **fmnist,
+            optimizers={
+                "arturo": _arturo(*_ARTURO_FMNIST),
+                "adam": _adam(
+                    0.0451147209563554,
+                    0.9078947277729217,
+                    0.9999988329626311,
+                    1.6446860037361782e-06,
+                ),
+                "adamw": _adamw(
+                    0.01874380569980047,
+                    0.8627483006856222,
+                    0.999998647239106,
+                    3.9621663585780745e-05,
+                ),
+                "sgd": _sgd(0.13703143914683882, 0.8540867186466918, 0.0019628778027380735),
+            },
+        ),
+        "cifar10_cnn": ExperimentConfig(
+            name="cifar10_cnn",
+            dataset="cifar10",
+            model="cnn_c",
+            **cifar,
+            optimizers={
+                "arturo": _arturo(*_ARTURO_CIFAR_CNN),
+                "adam": _adam(*_ADAM_CIFAR_CNN),
+                "adamw": _adamw(*_ADAM_CIFAR_CNN),
+                "sgd": _sgd(*_SGD_CIFAR_CNN),
+            },
+        ),
+        "cifar10_resnet34": ExperimentConfig(
+            name="cifar10_resnet34",
+            dataset="cifar10",
+            model="resnet34",
+            **cifar,
+            optimizers={
+                "arturo": _arturo(
+                    0.007132920002311371,
+                    1.5973544349997737,
+                    9.328440015416716,
+                    0.08938098738904834,
+                    0.0007029104518730781,
+                ),
+                "adam": _adam(
+                    0.006651718336327752,
+                    0.8903129562149071,
+                    0.9993867068533816,
+                    0.0004466189480608125,
+                ),
+                "adamw": _adamw(
+                    0.006651718336327752,
+                    0.8903129562149071,
+                    0.9993867068533816,
+                    0.0004466189480608125,
+                ),
+                "sgd": _sgd(0.05647954851010358, 0.8664874765380984, 0.0016973382637335273),
+            },
+        ),
+        "cifar100_cnn": ExperimentConfig(
+            name="cifar100_cnn",
+            dataset="cifar100",
+            model="cnn_c",
+            **cifar,
+            optimizers={
+                "arturo": _arturo(*_ARTURO_CIFAR_CNN),
+                "adam": _adam(*_ADAM_CIFAR_CNN),
+                "adamw": _adamw(*_ADAM_CIFAR_CNN),
+                "sgd": _sgd(*_SGD_CIFAR_CNN),
+            },
+        ),
+        "cifar100_resnet34": ExperimentConfig(
+            name="cifar100_resnet34",
+            dataset="cifar100",
+            model="resnet34",
+            **cifar,
+            optimizers={
+                "arturo": _arturo(
+                    0.007233730017485263,
+                    1.676769985136136,
+                    4.822031633849579,
+                    0.009778753916444217,
+                    0.0,
+                ),
+                "adam": _adam(
+                    0.0016122378636394955,
+                    0.8645823617461754,
+                    0.9999529451468949,
+                    0.0019414937179368932,
+                ),
+                "adamw": _adamw(
+                    0.001245107913473811,
+                    0.8586426410012914,
+                    0.9988019396111851,
+                    0.0018037506582507632,
+                ),
+                "sgd": _sgd(0.06799373956698931, 0.8673695434076598, 0.0017998911061911822),
+            },
+        ),
+    }
+
+
+EXPERIMENTS: dict[str, ExperimentConfig] = _experiments()
+
+# Quick mode: a fixed 10,200-image subset of Fashion-MNIST (40 batches of 255), 5,000 test
+# images and 8 epochs, with the published schedule shrunk in proportion (milestones 4 and 6).
+# Measured at about 2-3 minutes for arturo, adam and sgd together on a 2-core CPU.
+QUICK: dict[str, Any] = {
+    "experiment": "fmnist_cnn",
+    "optimizers": ("arturo", "adam", "sgd"),
+    "epochs": 8,
+    "train_subset": 10_200,
+    "test_subset": 5_000,
+}
+
+
+def get_experiment(name: str) -> ExperimentConfig:
+    """A fresh (deep-copied) config of a published experiment."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    exp = EXPERIMENTS[name]
+    return dataclasses.replace(
+        exp, optimizers={k: dataclasses.replace(v) for k, v in exp.optimizers.items()}
+    )
+
+
+def scale_epochs(exp: ExperimentConfig, epochs: int) -> ExperimentConfig:
+    """Shorten or lengthen the schedule, keeping milestones at the same fractions of training
+    (120 epochs at 60/90 becomes 40 at 20/30, the shortened schedule in BENCHMARKS.md)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    milestones = tuple(round(m * epochs / exp.epochs) for m in exp.milestones)
+    return dataclasses.replace(exp, epochs=epochs, milestones=milestones)
+
+
+def _coerce(text: str, annotation: Any, key: str) -> Any:
+    """Parse a command-line string into the type a config field declares."""
+    origin = typing.get_origin(annotation)
+    try:
+        if annotation is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if annotation is int:
+            return int(text)
+        if annotation is float:
+            return float(text)
+        if annotation is str:
+            return text
+        if origin is tuple:
+            (elem, _ellipsis) = typing.get_args(annotation)
+            parts = [p for p in text.replace(" ", "").split(",") if p]
+            return tuple(_coerce(p, elem, key) for p in parts)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: cannot parse {text!r} as {annotation}") from None
+    raise ValueError(f"--set {key}: field type {annotation} cannot be set from the command line")
+
+
+def _set_field(obj: Any, attr: str, text: str, key: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj) if f.name != "optimizers"]
+    if attr not in names:
+        raise ValueError(
+            f"--set {key}: {type(obj).__name__} has no field {attr!r}; fields: {names}"
+        )
+    return dataclasses.replace(obj, **{attr: _coerce(text, hints[attr], key)})
+
+
+def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply ``KEY=VALUE`` strings: ``epochs=40``, ``milestones=20,30``, ``arturo.lr=0.05``.
+
+    ``ivon.*`` keys create the IVON config on demand, since it is not a published row."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if "." in key:
+            opt_name, attr = key.split(".", 1)
+            optimizers = dict(exp.optimizers)
+            if opt_name not in optimizers:
+                if opt_name != "ivon":
+                    raise ValueError(
+                        f"--set {key}: experiment {exp.name!r} has no optimizer {opt_name!r}; "
+                        f"choose one of {sorted(optimizers)} or ivon"
+                    )
+                optimizers[opt_name] = IVONConfig()
+            optimizers[opt_name] = _set_field(optimizers[opt_name], attr, value, key)
+            exp = dataclasses.replace(exp, optimizers=optimizers)
+        else:
+            exp = _set_field(exp, key, value, key)
+    return exp
+
+
+def optimizer_config(exp: ExperimentConfig, name: str) -> Any:
+    """The config of one optimizer for this experiment (IVON's defaults if not set)."""
+    if name in exp.optimizers:
+        return exp.optimizers[name]
+    if name == "ivon":
+        return IVONConfig()
+    raise ValueError(
+        f"unknown optimizer {name!r} for {exp.name}; choose from {sorted(exp.optimizers)} or ivon"
+    )
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(obj)
