@@ -1,0 +1,248 @@
+"""``arturo-bench``: run the paper's experiments, report on saved runs, fetch data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import configs
+from .configs import QUICK, apply_overrides, get_experiment, scale_epochs
+from .data import DataNotFoundError, fetch_fashion_mnist, load_dataset
+from .optimizers import OptionalDependencyError
+from .runs import ConfigMismatchError, run_dir
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arturo-bench",
+        description="Reproduce the arTuRO paper's experiments side by side with Adam, AdamW, SGD.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="list the experiments and optimizers")
+
+    def add_config_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--epochs",
+            type=int,
+            help="train this many epochs; milestones scale in proportion (120 at 60/90 -> "
+            "40 at 20/30)",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set arturo.lr=0.05 --set milestones=20,30 "
+            "(repeatable; see `arturo-bench show EXPERIMENT` for the keys)",
+        )
+
+    show = sub.add_parser("show", help="print an experiment's resolved config as JSON")
+    show.add_argument("experiment", choices=sorted(configs.EXPERIMENTS))
+    add_config_flags(show)
+
+    run = sub.add_parser("run", help="train one experiment with several optimizers and seeds")
+    run.add_argument(
+        "experiment",
+        nargs="?",
+        choices=sorted(configs.EXPERIMENTS),
+        help="experiment to run (optional with --quick, which uses fmnist_cnn)",
+    )
+    run.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=sorted(configs.OPTIMIZERS),
+        help="optimizers to compare (default: arturo adam adamw sgd; --quick: arturo adam sgd)",
+    )
+    run.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds, one run each (default: 0)"
+    )
+    run.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="training device; auto = cuda when available (default: auto)",
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a {QUICK['train_subset']}-image Fashion-MNIST subset, {QUICK['epochs']} epochs, "
+        "arturo vs adam vs sgd: a few minutes on a laptop CPU",
+    )
+    run.add_argument("--out", default="runs", help="directory for the runs (default: runs/)")
+    run.add_argument(
+        "--data-dir",
+        help="dataset directory (default: $ARTURO_DATA, else /usr/share/datasets/fashion-mnist "
+        "or ~/.cache/arturo-bench/fashion-mnist)",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (epoch lines only)"
+    )
+    add_config_flags(run)
+
+    report = sub.add_parser("report", help="markdown table and PNG plots from saved runs")
+    report.add_argument("run_dirs", nargs="+", help="run directories, or folders containing them")
+    report.add_argument("--out", default="report", help="output directory (default: report/)")
+    report.add_argument(
+        "--target", type=float, default=0.90, help="test accuracy for 'first epoch reaching'"
+    )
+
+    data = sub.add_parser("data", help="dataset helpers")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_sub.add_parser(
+        "fetch", help="download Fashion-MNIST from the official source, verifying MD5"
+    )
+    fetch.add_argument("dataset", choices=["fashion-mnist"])
+    fetch.add_argument(
+        "--dest", help="target directory (default: $ARTURO_DATA or ~/.cache/arturo-bench/...)"
+    )
+    info = data_sub.add_parser("info", help="show where a dataset is found, and its size")
+    info.add_argument("dataset", choices=["fmnist", "cifar10", "cifar100"])
+    info.add_argument("--data-dir", help="dataset directory")
+    return parser
+
+
+def _resolve_experiment(args: argparse.Namespace, name: str) -> configs.ExperimentConfig:
+    exp = get_experiment(name)
+    if getattr(args, "quick", False):
+        exp = scale_epochs(exp, QUICK["epochs"])
+        exp = apply_overrides(
+            exp, [f"train_subset={QUICK['train_subset']}", f"test_subset={QUICK['test_subset']}"]
+        )
+    if args.epochs is not None:
+        exp = scale_epochs(exp, args.epochs)
+    return apply_overrides(exp, args.overrides)
+
+
+def _cmd_list() -> int:
+    print("experiments:")
+    print(f"  {'name':<18} {'data':<9} {'model':<9} {'epochs':>6}  milestones  optimizers")
+    for name, exp in configs.EXPERIMENTS.items():
+        ms = ",".join(map(str, exp.milestones))
+        print(
+            f"  {name:<18} {exp.dataset:<9} {exp.model:<9} {exp.epochs:>6}  {ms:<10}  "
+            f"{' '.join(exp.optimizers)}"
+        )
+    try:
+        import ivon  # noqa: F401
+
+        ivon_note = "installed"
+    except ImportError:
+        ivon_note = "not installed: pip install -e '.[ivon]'"
+    print("\noptimizers: arturo, adam (weight_decay not applied, as published), adamw, sgd")
+    print(f"optional peer: ivon (IVON, ivon-opt; {ivon_note})")
+    print(
+        f"\nquick mode (--quick): {QUICK['experiment']} on {QUICK['train_subset']} train / "
+        f"{QUICK['test_subset']} test images, {QUICK['epochs']} epochs, "
+        f"{' '.join(QUICK['optimizers'])}"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import load_groups, markdown_table, summarize
+    from .runs import RunStore
+    from .train import resolve_device, train_run
+
+    if args.experiment is None and not args.quick:
+        print(
+            "arturo-bench run: give an EXPERIMENT (see `arturo-bench list`) or --quick",
+            file=sys.stderr,
+        )
+        return 2
+    name = args.experiment or QUICK["experiment"]
+    exp = _resolve_experiment(args, name)
+    optimizers = args.optimizers or (
+        list(QUICK["optimizers"]) if args.quick else list(configs.DEFAULT_OPTIMIZERS)
+    )
+    device = resolve_device(args.device)
+    label = exp.name + ("-quick" if args.quick else "")
+
+    data = load_dataset(exp.dataset, args.data_dir)
+    print(
+        f"data: {data.name} from {data.source}: {len(data.train_y)} train, {len(data.test_y)} test"
+    )
+    data = data.subset(exp.train_subset, exp.test_subset).to(device)
+    if exp.train_subset or exp.test_subset:
+        print(f"      using a fixed subset: {len(data.train_y)} train, {len(data.test_y)} test")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads); epochs {exp.epochs}, "
+        f"milestones {list(exp.milestones)}; optimizers {' '.join(optimizers)}; "
+        f"seeds {' '.join(map(str, args.seeds))}"
+    )
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    dirs = []
+    for seed in args.seeds:
+        for opt in optimizers:
+            path = run_dir(args.out, label, opt, seed)
+            dirs.append(path)
+            train_run(exp, opt, seed, data, RunStore(path), quick=args.quick, progress=progress)
+
+    print(f"\nruns in {Path(args.out) / label}\n")
+    print(markdown_table(summarize(load_groups(dirs), exp.target_acc), exp.target_acc))
+    print(f"plots: arturo-bench report {Path(args.out) / label} --out report/")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    table, pngs = write_report(args.run_dirs, args.out, args.target)
+    print(table)
+    print(f"wrote {Path(args.out) / 'report.md'} and {len(pngs)} plots:")
+    for p in pngs:
+        print(f"  {p}")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "fetch":
+        path = fetch_fashion_mnist(args.dest)
+        print(f"Fashion-MNIST is in {path}")
+        return 0
+    data = load_dataset(args.dataset, args.data_dir)
+    print(
+        f"{data.name}: {data.source}\n  train {tuple(data.train_x.shape)}, "
+        f"test {tuple(data.test_x.shape)}, {data.num_classes} classes"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return _cmd_list()
+        if args.command == "show":
+            exp = _resolve_experiment(args, args.experiment)
+            print(json.dumps(configs.to_dict(exp), indent=2))
+            return 0
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "report":
+            return _cmd_report(args)
+        return _cmd_data(args)
+    except (DataNotFoundError, OptionalDependencyError, ConfigMismatchError, ValueError) as exc:
+        print(f"arturo-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"arturo-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished epochs are saved; re-run the same command to resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
