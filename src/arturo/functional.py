@@ -40,6 +40,7 @@ __all__ = [
     "StepResult",
     "arturo_step",
     "count_nonfinite_grads",
+    "kalman_update_",
     "solve_dual",
 ]
 
@@ -142,6 +143,38 @@ def solve_dual(
 # ---------------------------------------------------------------------------------------------
 
 
+def kalman_update_(
+    x: Tensor,
+    g: Tensor,
+    b: Tensor,
+    h: Tensor,
+    p00: Tensor,
+    p01: Tensor,
+    p11: Tensor,
+    *,
+    process_noise: float,
+    measurement_noise: float,
+    keep: Tensor | float = 1.0,
+) -> None:
+    """Per-coordinate Kalman (recursive least squares) update of the gradient model g ≈ b + h·x.
+
+    ALGORITHM.md steps 1-2: predict (P00 += q, P11 += q), then update with regressor x and
+    measurement g. All tensors are updated in place; ``keep`` = 0 makes it a no-op (with g
+    finite). h converges to the slope of the gradient, i.e. the Hessian diagonal.
+    """
+    p00.add_(process_noise * keep)
+    p11.add_(process_noise * keep)
+    k0 = p00 + p01 * x
+    k1 = p01 + p11 * x
+    inv_s = keep / (k0 + k1 * x + measurement_noise)
+    err_s = (g - (b + h * x)) * inv_s
+    b.add_(k0 * err_s)
+    h.add_(k1 * err_s)
+    p00.sub_(k0 * k0 * inv_s)
+    p01.sub_(k0 * k1 * inv_s)
+    p11.sub_(k1 * k1 * inv_s)
+
+
 def _single_tensor_filter_and_model(
     group: GroupTensors,
     hp: GroupHyperparams,
@@ -162,19 +195,18 @@ def _single_tensor_filter_and_model(
         # b starts at 0 and takes the first gradient on the parameter's first applied step.
         first = (step == 0).to(b.dtype) * keep
         b.add_(first * g)
-        # 1. predict
-        p00.add_(hp.filter_process_noise * keep)
-        p11.add_(hp.filter_process_noise * keep)
-        # 2. update with regressor x = θ and measurement g
-        k0 = p00 + p01 * x
-        k1 = p01 + p11 * x
-        inv_s = keep / (k0 + k1 * x + hp.filter_measurement_noise)
-        err_s = (g - (b + h * x)) * inv_s
-        b.add_(k0 * err_s)
-        h.add_(k1 * err_s)
-        p00.sub_(k0 * k0 * inv_s)
-        p01.sub_(k0 * k1 * inv_s)
-        p11.sub_(k1 * k1 * inv_s)
+        kalman_update_(
+            x,
+            g,
+            b,
+            h,
+            p00,
+            p01,
+            p11,
+            process_noise=hp.filter_process_noise,
+            measurement_noise=hp.filter_measurement_noise,
+            keep=keep,
+        )
         step.add_(keep)
         # 3-4. decoupled weight decay, then the model gradient and stepping curvature at μ
         mu = x * decay
@@ -232,6 +264,15 @@ def _single_tensor_apply(
 # ---------------------------------------------------------------------------------------------
 
 
+def _broadcast(scalar: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """A 0-dim tensor as a list for the TensorList overloads of ``_foreach_add``/``_sub``.
+
+    Their single-Tensor overloads read the scalar on the host on some backends (the meta
+    backend calls ``.item()``); the list overloads broadcast it on the device.
+    """
+    return [scalar] * len(like)
+
+
 def _as_state_dtype(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
     return [t if t.dtype == s.dtype else t.to(s.dtype) for t, s in zip(tensors, like, strict=True)]
 
@@ -255,7 +296,7 @@ def _multi_tensor_filter_and_model(
     # One stacked comparison instead of one small op per parameter.
     first = ((torch.stack(group.steps) == 0).to(keep.dtype) * keep).unbind()
     torch._foreach_addcmul_(b, g, first)
-    q = keep * hp.filter_process_noise
+    q = _broadcast(keep * hp.filter_process_noise, p00)
     torch._foreach_add_(p00, q)
     torch._foreach_add_(p11, q)
     k0 = torch._foreach_addcmul(p00, p01, x)
@@ -279,7 +320,7 @@ def _multi_tensor_filter_and_model(
     gain_b = inv_s
     torch._foreach_mul_(gain_b, k0)
     torch._foreach_addcmul_(p00, k0, gain_b, value=-1.0)
-    torch._foreach_add_(group.steps, keep)
+    torch._foreach_add_(group.steps, _broadcast(keep, group.steps))
 
     # Model at μ = θ·decay; k0 and k1 are reused for v = ĝ/λ and r = a/λ.
     v = k0
@@ -300,7 +341,7 @@ def _multi_tensor_filter_and_model(
 def _multi_tensor_dual_sums(
     v_list: list[Tensor], r_list: list[Tensor], lam_list: list[Tensor], eta: Tensor
 ) -> Tensor:
-    d = torch._foreach_add(r_list, eta)
+    d = torch._foreach_add(r_list, _broadcast(eta, r_list))
     t = torch._foreach_div(v_list, d)
     torch._foreach_mul_(t, t)
     torch._foreach_mul_(t, lam_list)  # λ·Δ² ≥ 0, so its L1 norm is its sum
@@ -327,7 +368,7 @@ def _multi_tensor_apply(
     lam = group.precisions
     mu = _as_state_dtype(group.params, lam)  # the params themselves unless low precision
     # Δ = v/(r+η), written into v; then θ ← θ·decay − c·Δ.
-    torch._foreach_add_(r_list, eta)
+    torch._foreach_add_(r_list, _broadcast(eta, r_list))
     torch._foreach_div_(v_list, r_list)
     torch._foreach_mul_(v_list, step_scale)
     torch._foreach_mul_(mu, decay)
