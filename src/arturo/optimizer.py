@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
-from .distributed import partial_sum_reducer
+from .distributed import local_shard, partial_sum_reducer
 
 __all__ = ["Arturo", "NonFiniteGradientError", "SparseGradientError"]
 
@@ -274,12 +274,18 @@ class Arturo(Optimizer):
                     "another optimizer for sparse parameters"
                 )
             state = self.state[p] if self.state.get(p) else self._init_state(p, group)
-            real, grad = p, p.grad
+            # The math runs on this rank's shard of DTensor (FSDP2) params, grads and state.
+            real, grad = local_shard(p), local_shard(p.grad)
             if p.is_complex():
-                real, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                real, grad = torch.view_as_real(real), torch.view_as_real(grad)
             for lst, t in zip(
                 lists,
-                (real, grad, *(state[k] for k in PARAM_STATE_KEYS[1:]), state[STATE_STEP]),
+                (
+                    real,
+                    grad,
+                    *(local_shard(state[k]) for k in PARAM_STATE_KEYS[1:]),
+                    state[STATE_STEP],
+                ),
                 strict=True,
             ):
                 lst.append(t)
@@ -331,8 +337,13 @@ class Arturo(Optimizer):
             if any(b.dtype == torch.float64 for t in tensors for b in t.intercepts)
             else torch.float32
         )
-        reduce_fn = partial_sum_reducer([p for t in tensors for p in t.params])
-        all_grads = [g for t in tensors for g in t.grads]
+        reduce_fn = partial_sum_reducer(
+            [p for g in active for p in g["params"] if p.grad is not None]
+        )
+        # An empty shard (FSDP2, fewer rows than ranks) has no ∞-norm; a 0 keeps the list whole.
+        all_grads = [g for t in tensors for g in t.grads if g.numel()] or [
+            torch.zeros(1, device=device)
+        ]
         nonfinite = F.count_nonfinite_grads(all_grads, solve_dtype, reduce_fn)
         if self.nonfinite == "raise" and bool(nonfinite):  # syncs, by the user's choice
             raise NonFiniteGradientError(
