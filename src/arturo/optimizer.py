@@ -370,7 +370,11 @@ class Arturo(Optimizer):
         )
 
         skipped = result.skipped.to(torch.int64)
-        for group, eta, kl in zip(active, result.eta.unbind(), result.kl.unbind(), strict=True):
+        # With ε = 0 the dual's root is η = ∞, a warm start that would freeze every later step.
+        # torch.distributed.checkpoint creates state by stepping with lr=0, and warm-ups may
+        # start at 0, so such a step keeps the previous η.
+        new_etas = torch.where(lrs > 0, result.eta, etas)
+        for group, eta, kl in zip(active, new_etas.unbind(), result.kl.unbind(), strict=True):
             group[GROUP_ETA] = eta.to(torch.float32)
             group[GROUP_KL] = kl.to(torch.float32)
             group[GROUP_SKIPPED] = group[GROUP_SKIPPED].to(device) + skipped

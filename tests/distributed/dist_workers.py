@@ -10,6 +10,7 @@ scenario raises when a check fails; rank 0 builds the single-process reference i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -142,6 +143,24 @@ def assert_same_on_all_ranks(tensors: dict[str, torch.Tensor]) -> None:
             assert torch.equal(other, gathered[0]), f"{key} differs between ranks"
 
 
+@contextlib.contextmanager
+def count_all_reduces():
+    """Record the numel of every ``dist.all_reduce`` in the block (FSDP2 itself uses
+    reduce-scatter and all-gather)."""
+    calls: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield calls
+    finally:
+        dist.all_reduce = original
+
+
 def reference(steps: int, dtype=torch.float32, uneven=False, start_state=None) -> dict:
     """Single-process training on the global batch."""
     model = make_model(dtype=dtype, uneven=uneven)
@@ -191,14 +210,20 @@ def scenario_fsdp(outdir: Path, uneven: str = "0") -> None:
     mesh = init_device_mesh("cpu", (WORLD,))
     model = shard(make_model(uneven=uneven_model), mesh)
     opt = make_optimizer(model)
-    train(model, opt, STEPS, rank=RANK, world=WORLD)
+    train(model, opt, STEPS - 1, rank=RANK, world=WORLD)
+    with count_all_reduces() as calls:
+        train(model, opt, 1, start=STEPS - 1, rank=RANK, world=WORLD)
+    # One all-reduce for the non-finite count, then one per dual evaluation, each of a
+    # [G, 2] tensor: a few floats per call, however many tensors the model has.
+    newton_steps = opt.param_groups[0]["newton_steps"]
+    assert calls == [1] + [2 * len(opt.param_groups)] * (newton_steps + 1), calls
     for p in model.parameters():
         assert isinstance(p, DTensor)
         for key, value in opt.state[p].items():
             if key == "step":
                 continue
             # Sharded like the parameter, in the same placement, fp32.
-            assert isinstance(value, DTensor), key
+            assert isinstance(value, DTensor) and value.dtype == torch.float32, key
             assert value.placements == p.placements and value.device_mesh == mesh, key
             assert value.to_local().shape == p.to_local().shape, key
     if uneven_model:
@@ -247,6 +272,35 @@ def scenario_fsdp_nonfinite(outdir: Path) -> None:
         assert after.pop(f"group{i}/kl").item() == 0.0  # the KL of the step taken: none
         before.pop(f"group{i}/skipped_steps"), before.pop(f"group{i}/kl")
     assert_close(after, before, 0, "state after a skipped step")
+
+
+def scenario_reducer(outdir: Path) -> None:
+    """Which layouts get an all-reduce, over which mesh dims, and which are refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    init(outdir)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    sharded = distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)])
+    replicated = distribute_tensor(torch.ones(4, 3), mesh, [Replicate()])
+    assert partial_sum_reducer([torch.ones(3)]) is None
+    assert partial_sum_reducer([replicated]) is None  # every rank holds every coordinate
+    reduce = partial_sum_reducer([sharded, distribute_tensor(torch.ones(5), mesh, [Shard(0)])])
+    got = reduce(torch.tensor([[1.0, float(RANK)]]))
+    assert got.tolist() == [[WORLD, sum(range(WORLD))]], got
+    for mixed in ([sharded, torch.ones(3)], [sharded, replicated]):
+        try:
+            partial_sum_reducer(mixed)
+        except ValueError as err:
+            assert "Arturo" in str(err)
+        else:
+            raise AssertionError(f"no error for {[type(t).__name__ for t in mixed]}")
+    # HSDP: sum over the shard dim (1) only, never over the replicate dim (0).
+    for shape, want in (((1, WORLD), WORLD), ((WORLD, 1), 1)):
+        mesh2 = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        hsdp = distribute_tensor(torch.ones(4, 3), mesh2, [Replicate(), Shard(0)])
+        got = partial_sum_reducer([hsdp])(torch.ones(1))
+        assert got.item() == want, (shape, got)
 
 
 def _make_for(world: int, sharded: bool, seed: int):

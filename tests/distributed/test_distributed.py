@@ -20,7 +20,7 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
 ]
 
-TWO_RANKS = ("ddp", "fsdp:0", "fsdp:1", "hsdp", "fsdp_nonfinite", "dcp_save:from2:1")
+TWO_RANKS = ("reducer", "ddp", "fsdp:0", "fsdp:1", "hsdp", "fsdp_nonfinite", "dcp_save:from2:1")
 ONE_RANK = ("dcp_load:from2:0", "dcp_save:from1:0")
 TWO_RANKS_AGAIN = ("dcp_load:from1:1",)
 
@@ -39,6 +39,10 @@ def runs(tmp_path_factory):
 def _check(runs, scenario):
     outdir, world, log = runs[scenario]
     check(outdir, world, scenario, log)
+
+
+def test_partial_sum_reducer_layouts(runs):
+    _check(runs, "reducer")
 
 
 def test_ddp_matches_single_process_and_ranks_agree(runs):
