@@ -112,7 +112,12 @@ def _resolve_experiment(args: argparse.Namespace, name: str) -> configs.Experime
     if getattr(args, "quick", False):
         exp = scale_epochs(exp, QUICK["epochs"])
         exp = apply_overrides(
-            exp, [f"train_subset={QUICK['train_subset']}", f"test_subset={QUICK['test_subset']}"]
+            exp,
+            [
+                f"train_subset={QUICK['train_subset']}",
+                f"test_subset={QUICK['test_subset']}",
+                "milestones=" + ",".join(map(str, QUICK["milestones"])),
+            ],
         )
     if args.epochs is not None:
         exp = scale_epochs(exp, args.epochs)
