@@ -169,13 +169,13 @@ def reference(steps: int, dtype=torch.float32, uneven=False, start_state=None) -
     return full_state(model, opt)
 
 
-def shard(model: nn.Module, mesh) -> nn.Module:
+def shard(model: nn.Module, mesh, **kwargs) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     for layer in model:
         if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **kwargs)
+    return fully_shard(model, mesh=mesh, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +232,33 @@ def scenario_fsdp(outdir: Path, uneven: str = "0") -> None:
     got = full_state(model, opt)
     if RANK == 0:
         assert_close(got, reference(STEPS, uneven=uneven_model), 1e-5, "FSDP2 vs single process")
+
+
+def scenario_fsdp_mixed_precision(outdir: Path) -> None:
+    """fp32 state for bf16 compute (MixedPrecisionPolicy) and for bf16 sharded params."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    init(outdir)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    want = reference(5) if RANK == 0 else None
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for model, dtype in (
+        (shard(make_model(), mesh, mp_policy=policy), torch.float32),
+        (shard(make_model(dtype=torch.bfloat16), mesh), torch.bfloat16),
+    ):
+        opt = make_optimizer(model)
+        train(model, opt, 5, rank=RANK, world=WORLD, dtype=dtype)
+        for p in model.parameters():
+            assert p.dtype == dtype
+            for key, value in opt.state[p].items():
+                if key != "step":
+                    assert value.dtype == torch.float32 and value.placements == p.placements
+        got = full_state(model, opt)
+        assert all(torch.isfinite(v).all() for v in got.values())
+        if RANK == 0 and dtype == torch.float32:  # bf16 compute: close to fp32, not equal
+            for n, _ in model.named_parameters():
+                torch.testing.assert_close(got[n], want[n], rtol=0.05, atol=0.02)
 
 
 def scenario_hsdp(outdir: Path) -> None:
@@ -315,7 +342,11 @@ def _make_for(world: int, sharded: bool, seed: int):
 def scenario_dcp_save(outdir: Path, name: str, sharded: str) -> None:
     """Train 3 steps, save with DCP; rank 0 also keeps whole-tensor references."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        get_state_dict,
+    )
 
     init(outdir)
     model, opt = _make_for(WORLD, sharded == "1", seed=0)
@@ -323,6 +354,16 @@ def scenario_dcp_save(outdir: Path, name: str, sharded: str) -> None:
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(outdir / name / "ckpt"))
     saved = full_state(model, opt)
+    # The consolidated (full_state_dict) form holds the same whole tensors on rank 0.
+    full_osd = get_optimizer_state_dict(
+        model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if RANK == 0:
+        for fqn, state in full_osd["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, saved[f"{fqn}/{key}"]), (fqn, key)
+        for i, group in enumerate(full_osd["param_groups"]):
+            assert torch.equal(group["eta"], saved[f"group{i}/eta"])
     train(model, opt, 3, start=3, rank=RANK, world=WORLD)
     continued = full_state(model, opt)
     if RANK == 0:
@@ -354,23 +395,26 @@ def scenario_dcp_load(outdir: Path, name: str, sharded: str) -> None:
         assert_close(continued, ref["continued"], 1e-5, "training continued after DCP load")
 
 
-def scenario_gpu_smoke(outdir: Path) -> None:
-    """FSDP2 with NCCL in a world of size 1 on one GPU."""
+def scenario_gpu_smoke(outdir: Path, device: str = "cuda") -> None:
+    """FSDP2 with NCCL in a world of size 1 on one GPU (``device="cpu"``: gloo, to try it)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch.cuda.set_device(0)
-    init(outdir, backend="nccl")
-    mesh = init_device_mesh("cuda", (WORLD,))
-    model = shard(make_model().cuda(), mesh)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    init(outdir, backend="nccl" if device == "cuda" else "gloo")
+    mesh = init_device_mesh(device, (WORLD,))
+    model = shard(make_model().to(device), mesh)
     opt = make_optimizer(model)
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         x, y = local_batch(step, RANK, WORLD)
-        loss_fn(model, x.cuda(), y.cuda()).backward()
+        loss_fn(model, x.to(device), y.to(device)).backward()
         opt.step()
+    for p in model.parameters():
+        assert opt.state[p]["precision"].to_local().device.type == device
     got = {k: v.cpu() for k, v in full_state(model, opt).items()}
     assert all(torch.isfinite(v).all() for v in got.values())
-    assert_close(got, reference(STEPS), 1e-4, "FSDP2 on CUDA vs single process on CPU")
+    assert_close(got, reference(STEPS), 1e-4, f"FSDP2 on {device} vs single process on CPU")
 
 
 def main() -> None:

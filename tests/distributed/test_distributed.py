@@ -20,7 +20,16 @@ pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
 ]
 
-TWO_RANKS = ("reducer", "ddp", "fsdp:0", "fsdp:1", "hsdp", "fsdp_nonfinite", "dcp_save:from2:1")
+TWO_RANKS = (
+    "reducer",
+    "ddp",
+    "fsdp:0",
+    "fsdp:1",
+    "fsdp_mixed_precision",
+    "hsdp",
+    "fsdp_nonfinite",
+    "dcp_save:from2:1",
+)
 ONE_RANK = ("dcp_load:from2:0", "dcp_save:from1:0")
 TWO_RANKS_AGAIN = ("dcp_load:from1:1",)
 
@@ -55,6 +64,10 @@ def test_fsdp2_matches_single_process_with_sharded_fp32_state(runs):
 
 def test_fsdp2_uneven_and_empty_shards(runs):
     _check(runs, "fsdp:1")
+
+
+def test_fsdp2_mixed_precision_keeps_fp32_sharded_state(runs):
+    _check(runs, "fsdp_mixed_precision")
 
 
 def test_hsdp_reduces_over_the_shard_dim_only(runs):
