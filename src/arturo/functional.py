@@ -431,6 +431,7 @@ def arturo_step(
     newton_steps: int,
     foreach: bool,
     reduce_fn: ReduceFn | None = None,
+    fused: bool = False,
 ) -> StepResult:
     """One arTuRO step for several param groups, each with its own trust region.
 
@@ -444,10 +445,24 @@ def arturo_step(
         newton_steps: Newton iterations of the dual solve.
         foreach: use the multi-tensor implementation.
         reduce_fn: sums partial sums over shards (``None`` when not sharded).
+        fused: use the compiled implementation (``arturo._kernels.compiled``), which does
+            the same math in three fused passes; ``foreach`` is then ignored.
 
     Returns:
         :class:`StepResult` with the new η and KL of each group.
     """
+    if fused:
+        from ._kernels.compiled import fused_arturo_step  # lazily: it imports the compiler
+
+        return fused_arturo_step(
+            groups,
+            hparams,
+            lrs=lrs,
+            etas=etas,
+            nonfinite_count=nonfinite_count,
+            newton_steps=newton_steps,
+            reduce_fn=reduce_fn,
+        )
     impl = _MULTI_TENSOR if foreach else _SINGLE_TENSOR
     dtype = etas.dtype
     keep = (nonfinite_count == 0).to(dtype)

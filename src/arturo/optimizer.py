@@ -125,6 +125,10 @@ class Arturo(Optimizer):
             skipped steps is in :meth:`stats`. ``"raise"`` raises
             :class:`NonFiniteGradientError` instead (this syncs with the device every step).
         foreach: use the multi-tensor implementation (default: yes on CPU and CUDA).
+        fused: use the compiled implementation (``torch.compile``: three fused passes per
+            step, the same math). Default: yes on CUDA when Triton is available, no on CPU,
+            where it is faster per step but compiles for tens of seconds first (see
+            docs/performance.md). Cannot be combined with ``foreach=True``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -153,6 +157,7 @@ class Arturo(Optimizer):
         newton_steps: int = 3,
         nonfinite: Literal["skip", "raise"] = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -167,6 +172,7 @@ class Arturo(Optimizer):
             init_curvature=init_curvature,
             newton_steps=newton_steps,
             foreach=foreach,
+            fused=fused,
         )
         _check("nonfinite", nonfinite, nonfinite in ("skip", "raise"), 'use "skip" or "raise"')
         self.nonfinite = nonfinite
@@ -217,6 +223,22 @@ class Arturo(Optimizer):
             "an int >= 1",
         )
         _check("foreach", group["foreach"], group["foreach"] in (None, True, False), "bool|None")
+        group.setdefault("fused", None)  # groups saved before the fused path existed
+        _check("fused", group["fused"], group["fused"] in (None, True, False), "bool|None")
+        _check(
+            "fused",
+            group["fused"],
+            not (group["fused"] and group["foreach"]),
+            "fused=True and foreach=True are exclusive; pick one",
+        )
+        if group["fused"]:
+            for p in group["params"]:
+                _check(
+                    "fused",
+                    True,
+                    p.device.type in ("cpu", "cuda"),
+                    f"the fused step runs on CPU and CUDA tensors, not on {p.device.type}",
+                )
         for p in group["params"]:
             if p.is_sparse:
                 raise SparseGradientError("Arturo does not support sparse parameters")
@@ -357,6 +379,20 @@ class Arturo(Optimizer):
         foreach = active[0]["foreach"]
         if foreach is None:
             foreach = device.type in ("cpu", "cuda")
+        fused = active[0].get("fused")
+        if fused is None:
+            # CUDA: fused when Triton can compile it (ALGORITHM.md's ~124 B/param in 5 passes
+            # against the foreach path's ~30 parameter-sized round trips). CPU: not by
+            # default, although measured ~3x faster per step than foreach on 2 cores
+            # (docs/performance.md): the first step compiles for tens of seconds (minutes
+            # for 100+ tensors), needs a C++ toolchain, and recompiles whenever the set of
+            # parameters with gradients changes, which short CPU runs and tests never win
+            # back. Pass fused=True to opt in.
+            fused = device.type == "cuda" and active[0]["foreach"] is not True
+            if fused:
+                from ._kernels.compiled import fused_available
+
+                fused = fused_available(device)
 
         result = F.arturo_step(
             tensors,
@@ -367,6 +403,7 @@ class Arturo(Optimizer):
             newton_steps=max(g["newton_steps"] for g in active),
             foreach=foreach,
             reduce_fn=reduce_fn,
+            fused=fused,
         )
 
         skipped = result.skipped.to(torch.int64)

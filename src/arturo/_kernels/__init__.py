@@ -1,0 +1,1 @@
+"""Optional fused implementations of the arTuRO step, imported lazily by ``functional``."""
