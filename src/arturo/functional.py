@@ -236,7 +236,7 @@ def _single_tensor_apply(
     hp: GroupHyperparams,
     v_list: list[Tensor],
     r_list: list[Tensor],
-    *,
+    *scratch: list[Tensor],
     eta: Tensor,
     step_scale: Tensor,
     decay: Tensor,
@@ -283,46 +283,54 @@ def _multi_tensor_filter_and_model(
     *,
     decay: Tensor,
     keep: Tensor,
-) -> tuple[list[Tensor], list[Tensor]]:
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """As ``_single_tensor_filter_and_model``, also returning two free scratch lists.
+
+    Fresh parameter-sized allocations are what makes eager multi-tensor code slow on CPU
+    (each one page-faults), so this allocates four lists and reuses them for everything: two
+    come back as v and r, two as scratch for the dual's evaluations.
+    """
     prior = hp.reg_weight * hp.prior_precision
     b, h = group.intercepts, group.curvatures
     p00, p01, p11 = group.cov_bb, group.cov_bh, group.cov_hh
     x = _as_state_dtype(group.params, b)
-    g = [
+    # The gradient with non-finite entries zeroed (they matter only when keep == 0, where
+    # 0·update must be exactly 0); this buffer becomes the filter's scaled innovation.
+    err = [
         torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
         for t in _as_state_dtype(group.grads, b)
     ]
-
-    # One stacked comparison instead of one small op per parameter.
+    # b takes the gradient on a parameter's first applied step (one stacked comparison
+    # instead of one small op per parameter).
     first = ((torch.stack(group.steps) == 0).to(keep.dtype) * keep).unbind()
-    torch._foreach_addcmul_(b, g, first)
+    torch._foreach_addcmul_(b, err, first)
+    # 1. predict
     q = _broadcast(keep * hp.filter_process_noise, p00)
     torch._foreach_add_(p00, q)
     torch._foreach_add_(p11, q)
+    # 2. update: k = P·[1, x], s = [1, x]·k + r, [b, h] += k·(g − b − h·x)/s, P −= k·kᵀ/s
     k0 = torch._foreach_addcmul(p00, p01, x)
     k1 = torch._foreach_addcmul(p01, p11, x)
     inv_s = torch._foreach_addcmul(k0, k1, x)
     torch._foreach_add_(inv_s, hp.filter_measurement_noise)
     torch._foreach_reciprocal_(inv_s)
     torch._foreach_mul_(inv_s, keep)
-    # err_s = (g − (b + h·x)) / s
-    err_s = torch._foreach_addcmul(b, h, x)
-    torch._foreach_sub_(err_s, g)
-    torch._foreach_mul_(err_s, inv_s)
-    torch._foreach_addcmul_(b, k0, err_s, value=-1.0)
-    torch._foreach_addcmul_(h, k1, err_s, value=-1.0)
-    # P −= k·kᵀ/s. err_s is free now and becomes k1/s; inv_s becomes k0/s.
-    gain_h = err_s
+    torch._foreach_sub_(err, b)
+    torch._foreach_addcmul_(err, h, x, value=-1.0)
+    torch._foreach_mul_(err, inv_s)
+    torch._foreach_addcmul_(b, k0, err)
+    torch._foreach_addcmul_(h, k1, err)
+    gain_h = err  # k1/s
     torch._foreach_copy_(gain_h, inv_s)
     torch._foreach_mul_(gain_h, k1)
     torch._foreach_addcmul_(p11, k1, gain_h, value=-1.0)
     torch._foreach_addcmul_(p01, k0, gain_h, value=-1.0)
-    gain_b = inv_s
+    gain_b = inv_s  # k0/s
     torch._foreach_mul_(gain_b, k0)
     torch._foreach_addcmul_(p00, k0, gain_b, value=-1.0)
     torch._foreach_add_(group.steps, _broadcast(keep, group.steps))
 
-    # Model at μ = θ·decay; k0 and k1 are reused for v = ĝ/λ and r = a/λ.
+    # 3-4. model at μ = θ·decay, written into k0 (v = ĝ/λ) and k1 (r = a/λ)
     v = k0
     torch._foreach_copy_(v, h)
     torch._foreach_add_(v, prior)
@@ -335,14 +343,26 @@ def _multi_tensor_filter_and_model(
     torch._foreach_clamp_min_(r, 0.0)
     torch._foreach_add_(r, prior)
     torch._foreach_div_(r, group.precisions)
-    return v, r
+    return v, r, gain_h, gain_b
 
 
 def _multi_tensor_dual_sums(
-    v_list: list[Tensor], r_list: list[Tensor], lam_list: list[Tensor], eta: Tensor
+    v_list: list[Tensor],
+    r_list: list[Tensor],
+    lam_list: list[Tensor],
+    eta: Tensor,
+    scratch_d: list[Tensor] | None = None,
+    scratch_t: list[Tensor] | None = None,
 ) -> Tensor:
-    d = torch._foreach_add(r_list, _broadcast(eta, r_list))
-    t = torch._foreach_div(v_list, d)
+    """As ``_single_tensor_dual_sums``; writes into the scratch lists when given."""
+    if scratch_d is None or scratch_t is None:
+        scratch_d = [torch.empty_like(r) for r in r_list]
+        scratch_t = [torch.empty_like(v) for v in v_list]
+    d, t = scratch_d, scratch_t
+    torch._foreach_copy_(d, r_list)
+    torch._foreach_add_(d, _broadcast(eta, d))
+    torch._foreach_copy_(t, v_list)
+    torch._foreach_div_(t, d)  # Δ
     torch._foreach_mul_(t, t)
     torch._foreach_mul_(t, lam_list)  # λ·Δ² ≥ 0, so its L1 norm is its sum
     s2 = torch.stack(torch._foreach_norm(t, 1)).sum(dtype=eta.dtype)
@@ -356,7 +376,7 @@ def _multi_tensor_apply(
     hp: GroupHyperparams,
     v_list: list[Tensor],
     r_list: list[Tensor],
-    *,
+    *scratch: list[Tensor],
     eta: Tensor,
     step_scale: Tensor,
     decay: Tensor,
@@ -397,8 +417,15 @@ def _write_back(params: list[Tensor], updated: list[Tensor]) -> None:
 
 
 class _Impl(NamedTuple):
-    filter_and_model: Callable[..., tuple[list[Tensor], list[Tensor]]]
-    dual_sums: Callable[[list[Tensor], list[Tensor], list[Tensor], Tensor], Tensor]
+    """One implementation of the per-coordinate phases.
+
+    ``filter_and_model(group, hp, decay=, keep=)`` returns ``(v, r, *scratch)``;
+    ``dual_sums(v, r, λ, η, *scratch)`` and ``apply(group, hp, v, r, *scratch, ...)`` take
+    them back. Scratch lists are buffers an implementation may reuse (none for the reference).
+    """
+
+    filter_and_model: Callable[..., tuple[list[Tensor], ...]]
+    dual_sums: Callable[..., Tensor]
     apply: Callable[..., None]
 
 
@@ -478,20 +505,21 @@ def arturo_step(
     def dual_sums(eta: Tensor) -> Tensor:
         return torch.stack(
             [
-                impl.dual_sums(v, r, group.precisions, eta[i]).to(dtype)
-                for i, ((v, r), group) in enumerate(zip(duals, groups, strict=True))
+                impl.dual_sums(v, r, group.precisions, eta[i], *scratch).to(dtype)
+                for i, ((v, r, *scratch), group) in enumerate(zip(duals, groups, strict=True))
             ]
         )
 
     eta, scale, kl = solve_dual(
         dual_sums, eps, etas, newton_steps=newton_steps, reduce_fn=reduce_fn
     )
-    for i, (group, hp, (v, r)) in enumerate(zip(groups, hparams, duals, strict=True)):
+    for i, (group, hp, (v, r, *scratch)) in enumerate(zip(groups, hparams, duals, strict=True)):
         impl.apply(
             group,
             hp,
             v,
             r,
+            *scratch,
             eta=eta[i],
             step_scale=scale[i] * keep,
             decay=decays[i],
