@@ -16,7 +16,7 @@ TIMEOUT_S = 180  # per launch (a few seconds normally); a hung collective must n
 _launches = itertools.count()
 
 
-def launch(outdir: Path, world_size: int, *scenarios: str, backend_env: dict | None = None) -> str:
+def launch(outdir: Path, world_size: int, *scenarios: str) -> str:
     """Run ``scenarios`` in one launch of ``world_size`` ranks; returns the ranks' output.
 
     Each rank records ``ok`` or a traceback per scenario in ``outdir``; read them with
@@ -33,8 +33,9 @@ def launch(outdir: Path, world_size: int, *scenarios: str, backend_env: dict | N
                 LOCAL_RANK=str(rank),
                 ARTURO_TEST_STORE=str(store),
                 OMP_NUM_THREADS="1",  # ranks share the cores: no oversubscription
-                **(backend_env or {}),
             )
+            if sys.platform == "linux":  # gloo on loopback: no need for a resolvable hostname
+                env.setdefault("GLOO_SOCKET_IFNAME", "lo")
             procs.append(
                 subprocess.Popen(
                     [sys.executable, str(WORKERS), str(outdir), *scenarios],
