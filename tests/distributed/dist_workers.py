@@ -59,7 +59,7 @@ def make_model(
     return nn.Sequential(*layers).to(dtype)
 
 
-def make_optimizer(model: nn.Module) -> Arturo:
+def make_optimizer(model: nn.Module, foreach: bool | None = None) -> Arturo:
     # Two trust regions (G = 2), so the all-reduced partial sums are a [2, 2] tensor.
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
@@ -67,6 +67,7 @@ def make_optimizer(model: nn.Module) -> Arturo:
         [{"params": weights}, {"params": biases, "lr": 0.02}],
         lr=0.05,
         weight_decay=1e-3,
+        foreach=foreach,
     )
 
 
@@ -161,10 +162,10 @@ def count_all_reduces():
         dist.all_reduce = original
 
 
-def reference(steps: int, dtype=torch.float32, uneven=False, start_state=None) -> dict:
+def reference(steps: int, dtype=torch.float32, uneven=False, foreach=None) -> dict:
     """Single-process training on the global batch."""
     model = make_model(dtype=dtype, uneven=uneven)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, foreach)
     train(model, opt, steps, dtype=dtype)
     return full_state(model, opt)
 
@@ -201,15 +202,17 @@ def scenario_ddp(outdir: Path) -> None:
         assert_close(got, reference(STEPS), 1e-5, "DDP vs single process")
 
 
-def scenario_fsdp(outdir: Path, uneven: str = "0") -> None:
+def scenario_fsdp(outdir: Path, uneven: str = "0", foreach: str = "1") -> None:
+    """FSDP2 against single-process training; ``foreach="0"``: the single-tensor path."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     init(outdir)
     uneven_model = uneven == "1"
+    impl = foreach == "1"
     mesh = init_device_mesh("cpu", (WORLD,))
     model = shard(make_model(uneven=uneven_model), mesh)
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, impl)
     train(model, opt, STEPS - 1, rank=RANK, world=WORLD)
     with count_all_reduces() as calls:
         train(model, opt, 1, start=STEPS - 1, rank=RANK, world=WORLD)
@@ -231,7 +234,8 @@ def scenario_fsdp(outdir: Path, uneven: str = "0") -> None:
         assert local_rows == ([1, 1] if RANK == 0 else [0, 0]), local_rows
     got = full_state(model, opt)
     if RANK == 0:
-        assert_close(got, reference(STEPS, uneven=uneven_model), 1e-5, "FSDP2 vs single process")
+        want = reference(STEPS, uneven=uneven_model, foreach=impl)
+        assert_close(got, want, 1e-5, "FSDP2 vs single process")
 
 
 def scenario_fsdp_mixed_precision(outdir: Path) -> None:

@@ -25,6 +25,7 @@ TWO_RANKS = (
     "ddp",
     "fsdp:0",
     "fsdp:1",
+    "fsdp:1:0",
     "fsdp_mixed_precision",
     "hsdp",
     "fsdp_nonfinite",
@@ -64,6 +65,10 @@ def test_fsdp2_matches_single_process_with_sharded_fp32_state(runs):
 
 def test_fsdp2_uneven_and_empty_shards(runs):
     _check(runs, "fsdp:1")
+
+
+def test_fsdp2_uneven_and_empty_shards_single_tensor_path(runs):
+    _check(runs, "fsdp:1:0")
 
 
 def test_fsdp2_mixed_precision_keeps_fp32_sharded_state(runs):
