@@ -56,14 +56,14 @@ def _kl(v, r, lam, eta, scale=1.0):
     return 0.5 * float((lam * delta * delta).sum())
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
     n=st.integers(1, 300),
     decades=st.floats(0.0, 8.0),
     log_eps=st.floats(-8.0, 3.0),
     eta_prev=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
-    newton_steps=st.integers(1, 4),
+    newton_steps=st.integers(2, 4),  # Arturo requires >= 2 (see its validation)
 )
 def test_dual_solve_trust_region_holds(seed, n, decades, log_eps, eta_prev, newton_steps):
     v, r, lam = _random_dual(seed, n, decades)

@@ -88,6 +88,7 @@ BAD_HYPERPARAMETERS = [
     ("filter_measurement_noise", 0.0),
     ("init_curvature", math.nan),
     ("newton_steps", 0),
+    ("newton_steps", 1),
     ("newton_steps", 2.5),
     ("foreach", "yes"),
     ("nonfinite", "ignore"),

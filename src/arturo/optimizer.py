@@ -219,8 +219,9 @@ class Arturo(Optimizer):
         _check(
             "newton_steps",
             steps,
-            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
-            "an int >= 1",
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 2,
+            "an int >= 2: from a warm start past the root, one Newton step may only get back "
+            "to η = 0, and one more is needed to leave it",
         )
         _check("foreach", group["foreach"], group["foreach"] in (None, True, False), "bool|None")
         group.setdefault("fused", None)  # groups saved before the fused path existed
