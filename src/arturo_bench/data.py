@@ -325,10 +325,23 @@ def prepare_batch(
         out = padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
     if flip is not None:
         out = torch.where(flip[:, None, None, None], out.flip(3), out)
-    mean, std = CIFAR_STATS[name]
-    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    mean_t, std_t = _stats_on(name, x.device)
     return out.sub_(mean_t).div_(std_t)
+
+
+_STATS_CACHE: dict[tuple[str, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _stats_on(name: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Normalisation constants, copied to the device once (a per-batch copy would sync)."""
+    key = (name, device)
+    if key not in _STATS_CACHE:
+        mean, std = CIFAR_STATS[name]
+        _STATS_CACHE[key] = (
+            torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(std, device=device).view(1, 3, 1, 1),
+        )
+    return _STATS_CACHE[key]
 
 
 # ----------------------------------------------------------------------------- fetch

@@ -144,7 +144,8 @@ def train_epoch(
     if data.name in CIFAR_STATS:
         crop = torch.randint(0, 9, (n, 2), generator=gen).to(device)
         flip = (torch.rand(n, generator=gen) < 0.5).to(device)
-    torch.manual_seed(_epoch_seed(seed, epoch))  # dropout masks (and IVON's weight noise)
+    # Dropout masks (and IVON's weight noise): another stream, also a function of (seed, epoch).
+    torch.manual_seed(_epoch_seed(seed, epoch) + 500_009)
 
     # Running sums stay on the device; reading them syncs, so that happens only for the bar.
     loss_sum = torch.zeros((), device=device)
@@ -265,6 +266,8 @@ def train_run(
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         history = checkpoint["history"]
+        if "ivon_current_step" in checkpoint:  # IVON keeps its step count outside state_dict
+            optimizer.current_step = checkpoint["ivon_current_step"]  # type: ignore[attr-defined]
         store.write_metrics(history)  # in case the last write was interrupted
         if len(history) < exp.epochs:
             log(f"resuming {store.path} after epoch {len(history)}")
@@ -291,15 +294,16 @@ def train_run(
         row["wall_time_s"] = wall  # cumulative training time, evaluation excluded
         history.append(row)
 
-        store.save_checkpoint(
-            {
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "history": history,
-            }
-        )
+        checkpoint = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+        }
+        if hasattr(optimizer, "current_step"):
+            checkpoint["ivon_current_step"] = optimizer.current_step
+        store.save_checkpoint(checkpoint)
         store.write_metrics(history)
         extra = f" eta {row['eta']:.3g} kl {row['kl']:.3g}" if "eta" in row else ""
         log(
