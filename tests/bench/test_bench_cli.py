@@ -126,7 +126,7 @@ def test_missing_data_is_an_error(
 
 def test_quick_mode_uses_a_subset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data_dir = tmp_path / "d"
-    from conftest import make_fmnist
+    from benchdata import make_fmnist
 
     make_fmnist(data_dir, n_train=96, n_test=20)
     args = ["run", "--quick", "--epochs", "1", "--data-dir", str(data_dir), "--out", str(tmp_path)]

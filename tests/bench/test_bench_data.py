@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from benchdata import make_cifar, make_fmnist, write_idx
 
 from arturo_bench import data as D
-from conftest import make_cifar, make_fmnist, write_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
