@@ -367,19 +367,6 @@ class Arturo(Optimizer):
         all_grads = [g for t in tensors for g in t.grads if g.numel()] or [
             torch.zeros(1, device=device)
         ]
-        nonfinite = F.count_nonfinite_grads(all_grads, solve_dtype, reduce_fn)
-        if self.nonfinite == "raise" and bool(nonfinite):  # syncs, by the user's choice
-            raise NonFiniteGradientError(
-                "a gradient holds NaN or inf; nothing was changed. Pass nonfinite='skip' to "
-                "skip such steps instead"
-            )
-
-        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=solve_dtype) for g in active])
-        lrs = lrs.to(device, non_blocking=True)
-        etas = torch.stack([g[GROUP_ETA].to(device=device, dtype=solve_dtype) for g in active])
-        foreach = active[0]["foreach"]
-        if foreach is None:
-            foreach = device.type in ("cpu", "cuda")
         fused = active[0].get("fused")
         if fused is None:
             # CUDA: fused when Triton can compile it (ALGORITHM.md's ~124 B/param in 5 passes
@@ -394,7 +381,22 @@ class Arturo(Optimizer):
                 from ._kernels.compiled import fused_available
 
                 fused = fused_available(device)
+        count_nonfinite = F.count_nonfinite_grads
+        if fused:
+            from ._kernels.compiled import count_nonfinite_grads as count_nonfinite
+        nonfinite = count_nonfinite(all_grads, solve_dtype, reduce_fn)
+        if self.nonfinite == "raise" and bool(nonfinite):  # syncs, by the user's choice
+            raise NonFiniteGradientError(
+                "a gradient holds NaN or inf; nothing was changed. Pass nonfinite='skip' to "
+                "skip such steps instead"
+            )
 
+        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=solve_dtype) for g in active])
+        lrs = lrs.to(device, non_blocking=True)
+        etas = torch.stack([g[GROUP_ETA].to(device=device, dtype=solve_dtype) for g in active])
+        foreach = active[0]["foreach"]
+        if foreach is None:
+            foreach = device.type in ("cpu", "cuda")
         result = F.arturo_step(
             tensors,
             [self._hyperparams(g) for g in active],

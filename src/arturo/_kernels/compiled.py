@@ -1,42 +1,47 @@
-"""The fused arTuRO step: the reference math in three grouped passes, compiled by Inductor.
+"""The fused arTuRO step: the reference math in grouped passes, compiled by Inductor.
 
 Why ``torch.compile`` and not hand-written kernels
-    Inductor turns each pass below into one fused loop per tensor -- C++/OpenMP with AVX
-    vectors on CPU, Triton on CUDA -- that reads every input once, keeps all temporaries in
-    registers and writes the state in place. On the 2-core CPU this removes the ~30
-    parameter-sized round trips of the ``torch._foreach_*`` path (ResNet-34 set, one thread:
-    ~260 ms fused against ~750 ms foreach in the first measurement; docs/performance.md has
-    the figures). One implementation then serves CPU and CUDA, and it is the same Python as
-    the math, so it stays checkable against the reference. A hand-written Triton kernel
-    would only run on CUDA, and this project has had no GPU to measure one against Inductor.
+    Inductor turns each pass below into one fused loop per tensor -- C++ with AVX vectors (and
+    OpenMP) on CPU, Triton on CUDA -- that reads every input once, keeps the temporaries in
+    registers and writes the state in place. On the 2-core CPU that is ~3x faster per step
+    than the ``torch._foreach_*`` path, which makes ~30 parameter-sized round trips
+    (docs/performance.md has the figures). One implementation serves CPU and CUDA, and it is
+    the same Python as the math, so it stays checkable against the reference. Hand-written
+    Triton would only run on CUDA, and this project has had no GPU to measure it on.
 
-The passes (ALGORITHM.md, "Solving the dual fast" and "Cost at the physical limit"):
+The passes (ALGORITHM.md, "Solving the dual fast" and "Cost at the physical limit"), per fp32
+parameter:
 
-1. ``_filter_pass``: Kalman predict/update of (b, h, P) in place, then the model at μ and the
-   dual's partial sums (Σ λΔ², Σ λΔ²/(r+η)) at the warm start η₀. Reads θ, g, b, h, P, λ;
-   writes b, h, P: ≈ 52 B per fp32 parameter.
-2. ``_dual_pass``, once per further Newton evaluation: the same sums at a new η, recomputed on
-   the fly from θ, b, h, λ (16 B per parameter) instead of materialising w and r, so that the
-   step needs no parameter-sized temporary at all.
-3. ``_apply_pass``: θ ← μ − c·Δ(η), λ ← (a + ν·λ)/(ω + ν). Reads θ, b, h, λ; writes θ, λ.
+1. ``_filter_pass``: Kalman predict/update of (b, h, P) in place (steps 1-2). Reads θ, g, b,
+   h, P; writes b, h, P: 48 B.
+2. ``_dual_pass``, once per evaluation of the dual (``newton_steps`` + 1 times): the partial
+   sums (Σ λΔ², Σ λΔ²/(r+η)) at one η per group, with ĝ, a and Δ recomputed on the fly from
+   θ, b, h, λ (16 B) rather than stored, so the step needs no parameter-sized temporary.
+3. ``_apply_pass``: θ ← μ − c·Δ(η), λ ← (a + ν·λ)/(ω + ν) (steps 6-7). Reads θ, b, h, λ;
+   writes θ, λ: 24 B.
+
+With the default 3 Newton steps that is 48 + 4·16 + 24 = 136 B, plus 4 B for the non-finite
+check of the gradients (:func:`count_nonfinite_grads`). ALGORITHM.md's 124 B would fold the
+first evaluation into the filter pass; written that way, Inductor materialised Δ and split
+the loop, and the fused filter-and-sums pass measured slower (ResNet-34 set, last 30 tensors,
+one thread: 49 ms) than the filter pass plus one dual pass (23 + 9 ms).
 
 Between the passes, :func:`arturo.functional.solve_dual` -- the very function the reference
-paths use -- runs the Newton iterations on [G]-sized tensors, so the dual algorithm (warm start,
-number of steps, final feasibility scale) is the same by construction, and the distributed
-``reduce_fn`` hook sits where it always does. With the default 3 Newton steps a step moves
-52 + 3·16 + 24 = 124 B per fp32 parameter, plus the gradient read of the non-finite check.
+paths use -- runs the Newton iterations on [G]-sized tensors, so the dual algorithm (warm
+start, number of steps, final feasibility scale at the final η) is the same by construction,
+and the distributed ``reduce_fn`` hook sits where it always does. Nothing syncs with the host.
 
 Each pass is compiled once over the *lists* of tensors of all groups (``dynamic=False``):
-Inductor emits one kernel per tensor inside one compiled call, so no Python runs per tensor.
-Hyperparameters are Python floats (constants in the graph, as they rarely change); ε, η, the
-"keep" flag and the Newton scale are 0-dim/[G] tensors, so an LR scheduler never recompiles.
-A different set of parameters with gradients (a new model, a param that starts or stops
-getting gradients) compiles once more.
+Inductor emits one loop per tensor inside one compiled call, so no Python runs per tensor.
+Hyperparameters are Python floats (constants in the graph; they rarely change); ε, η, the
+"keep" flag and the feasibility scale are tensors, so an LR scheduler never recompiles. A
+different set of parameters with gradients (a new model, a parameter that starts or stops
+getting gradients) compiles once more, up to :data:`RECOMPILE_LIMIT`.
 
 The per-element arithmetic is the reference's with one rewrite: Δ = ĝ/(a + η·λ) and
-λΔ²/(r+η) = λΔ²·λ/(a + η·λ) instead of v = ĝ/λ, r = a/λ, Δ = v/(r+η), which is the same
-quantity with one division per element and pass instead of four (divisions bound the CPU
-loop). It changes results only by rounding; tests/test_fused.py checks agreement to 1e-5.
+λΔ²/(r+η) = λΔ²·λ/(a + η·λ) instead of v = ĝ/λ, r = a/λ, Δ = v/(r+η): the same quantity with
+one division per element and pass instead of four. It changes results only by rounding;
+tests/test_fused.py checks agreement with the reference to 1e-5 (fp32) and 1e-12 (fp64).
 """
 
 from __future__ import annotations
@@ -49,11 +54,24 @@ from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["CUDA_COMPILE_OPTIONS", "fused_arturo_step", "fused_available"]
+__all__ = [
+    "CUDA_COMPILE_OPTIONS",
+    "count_nonfinite_grads",
+    "fused_arturo_step",
+    "fused_available",
+]
 
-#: Inductor options for the CUDA passes. Inductor launches one kernel per tensor and pass;
-#: ``{"combo_kernels": True}`` packs them into few launches. Not yet measured on a GPU, so
-#: the default is Inductor's own; scripts/gpu_check.sh benchmarks both.
+#: Inductor options for the reduction passes. Inductor materialises ("realizes") a pointwise
+#: value read more than 4 times; in a graph of 100+ tensors it did so for Δ, which cost a
+#: parameter-sized buffer and a second loop per tensor (ResNet-34 set, last 30 tensors, one
+#: CPU thread: 38.9 ms per dual pass, 8.4 ms with the threshold raised). The expressions are
+#: shallow, so recomputing them inline is the cheaper choice. (Not for the filter pass: there
+#: it made the loop split further and run 2x slower.)
+REDUCTION_OPTIONS: dict[str, object] = {"realize_reads_threshold": 1000}
+
+#: Extra Inductor options for the CUDA passes. Inductor launches one kernel per tensor and
+#: pass; ``{"combo_kernels": True}`` packs them into few launches. Not yet measured on a GPU,
+#: so the default adds nothing; scripts/gpu_check.sh benchmarks both.
 CUDA_COMPILE_OPTIONS: dict[str, object] = {}
 
 
@@ -75,6 +93,12 @@ def _dual_terms(
     return t.sum(dtype=eta.dtype), (t * lam * inv_d).sum(dtype=eta.dtype)
 
 
+def _zero_nonfinite(g: Tensor) -> Tensor:
+    """``torch.nan_to_num(g, nan=0, posinf=0, neginf=0)``, in a form Inductor vectorises on
+    CPU (its ``isnan`` there is a scalar loop; |NaN| < ∞ is simply false)."""
+    return torch.where(g.abs() < float("inf"), g, 0.0)
+
+
 def _decay(eps: Tensor, hp: F.GroupHyperparams, keep: Tensor) -> Tensor:
     # 3. decoupled weight decay, scaled by ε (as in functional.arturo_step)
     return 1.0 - eps * (hp.weight_decay * keep)
@@ -83,19 +107,13 @@ def _decay(eps: Tensor, hp: F.GroupHyperparams, keep: Tensor) -> Tensor:
 def _filter_pass(
     groups: tuple[F.GroupTensors, ...],
     hparams: tuple[F.GroupHyperparams, ...],
-    eps: Tensor,  # [G] KL bounds
-    etas: Tensor,  # [G] warm start η₀
     keep: Tensor,  # 0-dim, 1 = apply the step, 0 = cancel it (non-finite gradient)
-) -> Tensor:  # [G, 2] partial dual sums at η₀
-    sums = []
-    for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
-        decay = _decay(eps[i], hp, keep)
-        prior = hp.reg_weight * hp.prior_precision
-        s2, s3 = [], []
-        for theta, grad, b, h, p00, p01, p11, lam, step in zip(*group, strict=True):
+) -> None:
+    for group, hp in zip(groups, hparams, strict=True):
+        for theta, grad, b, h, p00, p01, p11, _lam, step in zip(*group, strict=True):
             # Steps 1-2 exactly as functional._single_tensor_filter_and_model.
             x = theta.to(b.dtype)
-            g = torch.nan_to_num(grad.to(b.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+            g = _zero_nonfinite(grad.to(b.dtype))
             first = (step == 0).to(b.dtype) * keep
             b.add_(first * g)
             F.kalman_update_(
@@ -111,11 +129,6 @@ def _filter_pass(
                 keep=keep,
             )
             step.add_(keep)
-            t2, t3 = _dual_terms(x, b, h, lam, decay=decay, prior=prior, eta=etas[i])
-            s2.append(t2)
-            s3.append(t3)
-        sums.append(torch.stack([torch.stack(s2).sum(), torch.stack(s3).sum()]))
-    return torch.stack(sums)
 
 
 def _dual_pass(
@@ -210,10 +223,10 @@ class _Pass:
 
 
 class _Passes:
-    def __init__(self, options: dict[str, object] | None) -> None:
-        self.filter = _Pass(_filter_pass, options)
-        self.dual = _Pass(_dual_pass, options)
-        self.apply = _Pass(_apply_pass, options)
+    def __init__(self, extra: dict[str, object]) -> None:
+        self.filter = _Pass(_filter_pass, extra)
+        self.dual = _Pass(_dual_pass, {**REDUCTION_OPTIONS, **extra})
+        self.apply = _Pass(_apply_pass, extra)
 
 
 _PASSES: dict[str, _Passes] = {}
@@ -221,8 +234,30 @@ _PASSES: dict[str, _Passes] = {}
 
 def _passes(device_type: str) -> _Passes:
     if device_type not in _PASSES:
-        _PASSES[device_type] = _Passes(CUDA_COMPILE_OPTIONS if device_type == "cuda" else None)
+        _PASSES[device_type] = _Passes(CUDA_COMPILE_OPTIONS if device_type == "cuda" else {})
     return _PASSES[device_type]
+
+
+def _count_nonfinite(grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+    # max |g| is non-finite exactly when an entry is (amax propagates NaN), like the ∞-norm
+    # of functional.count_nonfinite_grads.
+    peaks = torch.stack([g.abs().amax() for g in grads if g.numel()])
+    return (~torch.isfinite(peaks)).sum().to(dtype)
+
+
+_COUNT_NONFINITE = _Pass(_count_nonfinite, REDUCTION_OPTIONS)
+
+
+def count_nonfinite_grads(
+    grads: Sequence[Tensor], dtype: torch.dtype, reduce_fn: F.ReduceFn | None = None
+) -> Tensor:
+    """:func:`arturo.functional.count_nonfinite_grads`, compiled on CPU, where the eager
+    ``_foreach_norm`` costs more than a whole fused pass (one multi-tensor kernel on CUDA)."""
+    grads = list(grads)
+    if not grads or grads[0].device.type != "cpu" or not any(g.numel() for g in grads):
+        return F.count_nonfinite_grads(grads, dtype, reduce_fn)
+    count = _COUNT_NONFINITE(grads, dtype)
+    return reduce_fn(count) if reduce_fn is not None else count
 
 
 def fused_available(device: torch.device) -> bool:
@@ -256,11 +291,10 @@ def fused_arturo_step(
     keep = (nonfinite_count == 0).to(dtype)
     eps = lrs.clamp_min(torch.finfo(dtype).tiny)
 
-    # solve_dual asks for the sums at the warm start first: the filter pass has them already.
-    pending = [passes.filter(groups, hparams, eps, etas, keep)]
+    passes.filter(groups, hparams, keep)
 
     def dual_sums(eta: Tensor) -> Tensor:
-        return pending.pop() if pending else passes.dual(groups, hparams, eps, eta, keep)
+        return passes.dual(groups, hparams, eps, eta, keep)
 
     eta, scale, kl = F.solve_dual(
         dual_sums, eps, etas, newton_steps=newton_steps, reduce_fn=reduce_fn
