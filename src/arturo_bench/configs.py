@@ -330,8 +330,9 @@ def scale_epochs(exp: ExperimentConfig, epochs: int) -> ExperimentConfig:
     (120 epochs at 60/90 becomes 40 at 20/30, the shortened schedule in BENCHMARKS.md)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    milestones = tuple(round(m * epochs / exp.epochs) for m in exp.milestones)
-    return dataclasses.replace(exp, epochs=epochs, milestones=milestones)
+    # At least 1: torch's MultiStepLR treats a milestone 0 as "decay before the first epoch".
+    milestones = sorted({max(1, round(m * epochs / exp.epochs)) for m in exp.milestones})
+    return dataclasses.replace(exp, epochs=epochs, milestones=tuple(milestones))
 
 
 def _coerce(text: str, annotation: Any, key: str) -> Any:
@@ -393,6 +394,10 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentCo
             exp = dataclasses.replace(exp, optimizers=optimizers)
         else:
             exp = _set_field(exp, key, value, key)
+    if any(m < 1 for m in exp.milestones):
+        raise ValueError(
+            f"milestones must be >= 1 (a decay after that many epochs), got {list(exp.milestones)}"
+        )
     return exp
 
 

@@ -65,3 +65,7 @@ def test_overrides() -> None:
 def test_scale_epochs_matches_the_shortened_schedule() -> None:
     exp = C.scale_epochs(C.get_experiment("fmnist_cnn"), 40)
     assert (exp.epochs, exp.milestones) == (40, (20, 30))
+    # Never a milestone 0: MultiStepLR would decay before the first epoch.
+    assert C.scale_epochs(C.get_experiment("fmnist_cnn"), 1).milestones == (1,)
+    with pytest.raises(ValueError, match="milestones must be >= 1"):
+        C.apply_overrides(exp, ["milestones=0,5"])
