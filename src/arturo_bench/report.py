@@ -5,6 +5,7 @@ formats it; ``plot`` writes PNGs (matplotlib, Agg backend: no display needed).""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import defaultdict
@@ -29,7 +30,9 @@ class Group:
 
 
 def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
-    groups: dict[tuple[str, str], Group] = {}
+    """Runs grouped by (experiment, optimizer, config except the seed): seeds of the same
+    config are aggregated; runs whose configs differ are never averaged together."""
+    groups: dict[tuple[str, str, str], Group] = {}
     for store in find_runs(paths):
         cfg = store.config()
         history = store.metrics()
@@ -37,11 +40,21 @@ def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
             continue
         # quick runs get their own label so they never mix with full-schedule runs
         exp = cfg["name"] + ("-quick" if cfg.get("quick") else "")
-        key = (exp, cfg["optimizer"])
+        variant = json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True)
+        key = (exp, cfg["optimizer"], variant)
         g = groups.setdefault(key, Group(exp, cfg["optimizer"]))
         g.seeds.append(int(cfg["seed"]))
         g.histories.append(history)
         g.epochs_planned = max(g.epochs_planned, int(cfg["epochs"]))
+    # Several configs of one (experiment, optimizer): tell them apart in the labels.
+    clashes: dict[tuple[str, str], list[Group]] = defaultdict(list)
+    for (exp, opt, _variant), g in groups.items():
+        clashes[(exp, opt)].append(g)
+    for same in clashes.values():
+        if len(same) > 1:
+            by_epochs = len({g.epochs_planned for g in same}) == len(same)
+            for i, g in enumerate(same, 1):
+                g.experiment += f"-{g.epochs_planned}ep" if by_epochs else f"-variant{i}"
     return sorted(groups.values(), key=lambda g: (g.experiment, _opt_order(g.optimizer)))
 
 

@@ -186,6 +186,18 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "94.10 ± 0.10%" in capsys.readouterr().out
 
+    # A run of another schedule is reported apart, never averaged with the 3-epoch seeds.
+    other = RunStore(runs / "elsewhere" / "arturo" / "seed0")
+    other.path.mkdir(parents=True)
+    other.config_path.write_text(
+        json.dumps({"name": "fmnist_cnn", "optimizer": "arturo", "seed": 0, "epochs": 1})
+    )
+    other.write_metrics([dict(history[0], test_acc=0.5)])
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    table = (out / "report.md").read_text()
+    assert "| fmnist_cnn-3ep | arturo | 3 | 3 | 94.10 ± 0.10% |" in table
+    assert "| fmnist_cnn-1ep | arturo | 1 | 1 | 50.00% |" in table
+
 
 def test_console_script_lists_experiments() -> None:
     res = subprocess.run(
