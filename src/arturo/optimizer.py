@@ -127,8 +127,8 @@ class Arturo(Optimizer):
         foreach: use the multi-tensor implementation (default: yes on CPU and CUDA).
         fused: use the compiled implementation (``torch.compile``: three fused passes per
             step, the same math). Default: yes on CUDA when Triton is available, no on CPU,
-            where it is faster per step but compiles for tens of seconds first (see
-            docs/performance.md). Cannot be combined with ``foreach=True``.
+            where it is 4-5x faster per step than foreach but compiles for 10 s to over a
+            minute first (docs/performance.md). Cannot be combined with ``foreach=True``.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -369,13 +369,13 @@ class Arturo(Optimizer):
         ]
         fused = active[0].get("fused")
         if fused is None:
-            # CUDA: fused when Triton can compile it (ALGORITHM.md's ~124 B/param in 5 passes
-            # against the foreach path's ~30 parameter-sized round trips). CPU: not by
-            # default, although measured ~3x faster per step than foreach on 2 cores
-            # (docs/performance.md): the first step compiles for tens of seconds (minutes
-            # for 100+ tensors), needs a C++ toolchain, and recompiles whenever the set of
-            # parameters with gradients changes, which short CPU runs and tests never win
-            # back. Pass fused=True to opt in.
+            # CUDA: fused when Triton can compile it (~140 B/param in 7 fused passes against
+            # the foreach path's ~30 parameter-sized round trips; GPU figures still to be
+            # measured, docs/performance.md). CPU: not by default, although measured 4-5x
+            # faster per step than foreach (ResNet-34 set, one thread): the first step
+            # compiles for 10 s to over a minute, needs a C++ toolchain, and compiles again
+            # whenever the set of parameters with gradients changes, which short CPU runs
+            # and test suites never win back. Pass fused=True to opt in.
             fused = device.type == "cuda" and active[0]["foreach"] is not True
             if fused:
                 from ._kernels.compiled import fused_available
