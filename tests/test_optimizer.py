@@ -464,3 +464,19 @@ def test_every_step_stays_inside_the_trust_region(seed, lr, init_curvature, grad
             assert stats["eta"] == 0.0
         if kl_newton >= lr * (1 + 1e-9):
             assert stats["eta"] > 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_lr_step_creates_state_but_changes_nothing(impl):
+    # torch.distributed.checkpoint initialises optimizer state this way (lr=0, zero grads).
+    model_a, model_b = make_model(), make_model()
+    opt_a, opt_b = Arturo(model_a.parameters(), **impl), Arturo(model_b.parameters(), **impl)
+    for p in model_a.parameters():
+        p.grad = torch.zeros_like(p)
+    opt_a.param_groups[0]["lr"] = 0.0
+    opt_a.step()
+    opt_a.param_groups[0]["lr"] = opt_b.param_groups[0]["lr"]
+    assert all(float(opt_a.state[p]["step"]) == 0 for p in model_a.parameters())
+    train(model_a, opt_a, 3)
+    train(model_b, opt_b, 3)
+    assert_same(list(model_a.parameters()), list(model_b.parameters()))

@@ -341,8 +341,13 @@ class Arturo(Optimizer):
 
         active, tensors = [], []
         for group in self.param_groups:
-            collected = self._collect_group(group)
-            if collected is not None:
+            collected = self._collect_group(group)  # creates missing state
+            # A KL bound of exactly 0 allows no step at all. torch.distributed.checkpoint
+            # creates state by stepping once with lr=0 and zero gradients: that step must leave
+            # the filter untouched too, or b would start from a zero "first gradient".
+            if collected is not None and not (
+                not isinstance(group["lr"], Tensor) and group["lr"] == 0
+            ):
                 active.append(group)
                 tensors.append(collected)
         if not active:
