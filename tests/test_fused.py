@@ -244,3 +244,24 @@ def test_fused_step_via_functional_matches_reference():
     torch.testing.assert_close(ra.kl, rb.kl, rtol=1e-5, atol=0)
     for x, y in zip(pa, pb, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7 if x.dtype != torch.bfloat16 else 0)
+
+
+@pytest.mark.slow
+def test_fused_complex_empty_and_noncontiguous_params_match_reference():
+    def run(**kw) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [
+            torch.randn(3, 2, dtype=torch.complex64),  # stepped as view_as_real
+            torch.randn(0),
+            torch.randn(4, 5).t(),  # non-contiguous
+        ]
+        opt = Arturo(params, **kw)
+        for k in range(3):
+            gen = torch.Generator().manual_seed(k)
+            for p in params:
+                p.grad = 0.5 * p + 0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            opt.step()
+        return params
+
+    for x, y in zip(run(foreach=False), run(fused=True), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
