@@ -1,9 +1,9 @@
 """Arturo with torch.distributed.checkpoint's state-dict helpers, in one process.
 
 ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` create missing optimizer state
-by stepping once with zero gradients and ``lr = 0``. For arTuRO, ε = 0 puts the dual's root
-at η = ∞, which as the next warm start would freeze training: the optimizer keeps the
-previous η on such a step.
+by stepping once with zero gradients and ``lr = 0``. For arTuRO that must be no step at all:
+ε = 0 would put the dual's root at η = ∞ (a warm start that freezes training), and a zero
+"first gradient" would seed the filter's intercept.
 """
 
 from __future__ import annotations
@@ -31,20 +31,27 @@ def train(model, opt, steps, start=0):
         opt.step()
 
 
-def test_state_dict_before_the_first_step_does_not_freeze_training():
+def test_state_dict_before_the_first_step_is_a_clean_start():
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model = make_model()
-    before = [p.detach().clone() for p in model.parameters()]
+    fresh = copy.deepcopy(model)
     opt = Arturo(model.parameters(), lr=0.05)
+    opt_fresh = Arturo(fresh.parameters(), lr=0.05)
     osd = get_optimizer_state_dict(model, opt)  # steps once with lr = 0 to create state
-    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    params = zip(model.parameters(), fresh.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in params)
     assert osd["param_groups"][0]["eta"].item() == 0.0
+    assert all(s["step"].item() == 0 for s in osd["state"].values())
     train(model, opt, 3)
+    train(fresh, opt_fresh, 3)
     stats = opt.stats()[0]
     assert math.isfinite(stats["eta"])
     assert stats["kl"] >= 0.9 * stats["kl_bound"]  # real steps, up to the trust region
-    assert not torch.equal(model[0].weight, before[0])
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(p, q)  # as if the checkpoint had never been taken
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, opt_fresh.state[q][key]), key
 
 
 def test_get_and_set_state_dict_resume_exactly():
