@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch import Tensor
 
 from arturo import Arturo
@@ -359,9 +360,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.inductor:
         from arturo._kernels import compiled
 
+        defaults = torch._inductor.config.get_config_copy()
         for item in args.inductor:
             key, _, value = item.partition("=")
-            compiled.CUDA_COMPILE_OPTIONS[key] = int(value) if value.isdigit() else value
+            if key not in defaults:
+                parser.error(f"--inductor {item}: no Inductor option {key!r}")
+            kind = type(defaults[key])  # options are type-checked: cast to the option's type
+            if kind is bool:
+                compiled.CUDA_COMPILE_OPTIONS[key] = value.lower() in ("1", "true", "yes")
+            elif kind in (int, float):
+                compiled.CUDA_COMPILE_OPTIONS[key] = kind(value)
+            else:
+                compiled.CUDA_COMPILE_OPTIONS[key] = value
 
     env = _environment(device)
     print(f"# optimizer.step() time, median of {args.repeats} steps")
