@@ -73,7 +73,9 @@ REDUCTION_OPTIONS: dict[str, object] = {"realize_reads_threshold": 1000}
 #: Extra Inductor options for the CPU passes. Inductor's C++ backend merges up to 16 loops of
 #: equal length into one ("horizontal fusion"); for ResNet's many same-shape tensors that
 #: interleaves 4 streams per tensor from several tensors in one loop, which measured slower
-#: (ResNet-34 set, dual pass, one thread: 42 ms merged, 25 ms with one loop per tensor).
+#: (ResNet-34 set, dual pass, one thread: 42 ms merged, 25 ms unmerged, 27 ms with size 2,
+#: which pairs each tensor's two sums in one loop: the pass is bound by their arithmetic,
+#: each sum recomputing Δ, not by the re-read).
 CPU_COMPILE_OPTIONS: dict[str, object] = {"cpp.max_horizontal_fusion_size": 1}
 
 #: Extra Inductor options for the CUDA passes. Inductor launches one kernel per tensor and
