@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -152,9 +153,14 @@ def _cmd_list() -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
+    from .distributed import FollowerRunStore, init_from_env
     from .report import load_groups, markdown_table, summarize
     from .runs import RunStore
     from .train import resolve_device, train_run
+
+    dist_env = init_from_env(args.device)  # torchrun: DDP over WORLD_SIZE ranks
+    if not dist_env.is_main:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints for everyone
 
     if args.experiment is None and not args.quick:
         print(
@@ -167,7 +173,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     optimizers = args.optimizers or (
         list(QUICK["optimizers"]) if args.quick else list(configs.DEFAULT_OPTIMIZERS)
     )
-    device = resolve_device(args.device)
+    device = dist_env.device(resolve_device(args.device))
     label = exp.name + ("-quick" if args.quick else "")
 
     data = load_dataset(exp.dataset, args.data_dir)
@@ -181,15 +187,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"device: {device} ({torch.get_num_threads()} threads); epochs {exp.epochs}, "
         f"milestones {list(exp.milestones)}; optimizers {' '.join(optimizers)}; "
         f"seeds {' '.join(map(str, args.seeds))}"
+        + (f"; DDP on {dist_env.world_size} ranks" if dist_env.enabled else "")
     )
 
-    progress = not args.no_progress and sys.stderr.isatty()
+    progress = not args.no_progress and sys.stderr.isatty() and dist_env.is_main
     dirs = []
     for seed in args.seeds:
         for opt in optimizers:
             path = run_dir(args.out, label, opt, seed)
             dirs.append(path)
-            train_run(exp, opt, seed, data, RunStore(path), quick=args.quick, progress=progress)
+            store = RunStore(path) if dist_env.is_main else FollowerRunStore(path)
+            train_run(
+                exp, opt, seed, data, store, quick=args.quick, progress=progress, dist_env=dist_env
+            )
+    if not dist_env.is_main:
+        return 0
 
     print(f"\nruns in {Path(args.out) / label}\n")
     print(markdown_table(summarize(load_groups(dirs), exp.target_acc), exp.target_acc))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .configs import ExperimentConfig, IVONConfig, optimizer_config, to_dict
 from .data import CIFAR_STATS, Dataset, prepare_batch
+from .distributed import SINGLE_PROCESS, DistEnv
 from .models import build_model
 from .optimizers import build_optimizer
 from .runs import RunStore, environment
@@ -129,8 +130,10 @@ def train_epoch(
     mc_samples: int,
     desc: str,
     progress: bool,
+    dist_env: DistEnv = SINGLE_PROCESS,
 ) -> dict[str, float]:
-    """One pass over the training set; returns loss, accuracy and timings."""
+    """One pass over the training set; returns loss, accuracy and timings. Under DDP each
+    rank trains on its slice of every batch, and the loss and accuracy are over all ranks."""
     model.train()
     device = data.train_x.device
     n = len(data.train_y)
@@ -159,7 +162,7 @@ def train_epoch(
 
     t0 = time.perf_counter()
     for i in range(num_batches):
-        sl = slice(i * bs, (i + 1) * bs)
+        sl = dist_env.batch_slice(i * bs, min((i + 1) * bs, n))  # all of it on one rank
         idx = order[sl]
         x = prepare_batch(
             data.name,
@@ -188,8 +191,10 @@ def train_epoch(
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
                 )
-    train_loss = loss_sum.item() / seen  # syncs, so the wall time below includes all work
-    train_acc = correct.item() / seen
+    # Syncs, so the wall time below includes all work; under DDP, sums over the ranks.
+    loss_total, correct_total, seen = dist_env.sum(loss_sum, correct, seen)
+    train_loss = loss_total / seen
+    train_acc = correct_total / seen
     train_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -242,12 +247,14 @@ def train_run(
     quick: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    dist_env: DistEnv = SINGLE_PROCESS,
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns its per-epoch history. ``data`` is already on the
     training device. Each finished epoch is checkpointed, so an interrupt loses at most one."""
     device = data.train_x.device
     opt_cfg = optimizer_config(exp, optimizer_name)
-    store.init(run_config(exp, optimizer_name, seed, quick=quick), environment(device))
+    started = environment(device) | {"world_size": dist_env.world_size}
+    store.init(run_config(exp, optimizer_name, seed, quick=quick), started)
 
     # Same initial weights for every optimizer: built on the CPU from the seed alone.
     torch.manual_seed(seed)
@@ -258,6 +265,7 @@ def train_run(
         optimizer, milestones=list(exp.milestones), gamma=opt_cfg.gamma
     )
     mc_samples = opt_cfg.mc_samples if isinstance(opt_cfg, IVONConfig) else 0
+    net = dist_env.wrap(model)  # DDP when several ranks: it averages the gradients
 
     history: list[dict[str, Any]] = []
     checkpoint = store.load_checkpoint()
@@ -278,7 +286,7 @@ def train_run(
         lr = optimizer.param_groups[0]["lr"]
         row: dict[str, Any] = {"epoch": epoch, "lr": lr}
         row |= train_epoch(
-            model,
+            net,
             optimizer,
             data,
             exp,
@@ -287,6 +295,7 @@ def train_run(
             mc_samples=mc_samples,
             desc=f"{tag} {epoch}/{exp.epochs}",
             progress=progress,
+            dist_env=dist_env,
         )
         row |= evaluate(model, data, exp.test_batch_size)
         scheduler.step()
