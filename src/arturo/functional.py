@@ -40,6 +40,7 @@ __all__ = [
     "StepResult",
     "arturo_step",
     "count_nonfinite_grads",
+    "filter_step_",
     "kalman_update_",
     "solve_dual",
 ]
@@ -58,6 +59,21 @@ class GroupHyperparams(NamedTuple):
     precision_inertia: float  # ν, stands in for η in the precision update
     filter_process_noise: float  # q, added to the filter's covariance diagonal each step
     filter_measurement_noise: float  # r, variance of a gradient measurement
+
+    @property
+    def prior(self) -> float:
+        """ω·λ₀: the prior's share of every coordinate's curvature."""
+        return self.reg_weight * self.prior_precision
+
+    @property
+    def precision_keep(self) -> float:
+        """ν/(ω + ν): the weight of the old λ in λ ← (a + ν·λ)/(ω + ν)."""
+        return self.precision_inertia / (self.reg_weight + self.precision_inertia)
+
+    @property
+    def precision_gain(self) -> float:
+        """1/(ω + ν): the weight of a in the same update."""
+        return 1.0 / (self.reg_weight + self.precision_inertia)
 
 
 class GroupTensors(NamedTuple):
@@ -175,6 +191,41 @@ def kalman_update_(
     p11.sub_(k1 * k1 * inv_s)
 
 
+def filter_step_(
+    x: Tensor,
+    g: Tensor,
+    b: Tensor,
+    h: Tensor,
+    p00: Tensor,
+    p01: Tensor,
+    p11: Tensor,
+    step: Tensor,
+    *,
+    hp: GroupHyperparams,
+    keep: Tensor,
+) -> None:
+    """One parameter's filter step: first-step initialisation, Kalman update, step count.
+
+    ``g`` must be finite (non-finite entries zeroed), so that ``keep`` = 0 is an exact no-op.
+    b starts at 0 and takes the gradient on the parameter's first applied step.
+    """
+    first = (step == 0).to(b.dtype) * keep
+    b.add_(first * g)
+    kalman_update_(
+        x,
+        g,
+        b,
+        h,
+        p00,
+        p01,
+        p11,
+        process_noise=hp.filter_process_noise,
+        measurement_noise=hp.filter_measurement_noise,
+        keep=keep,
+    )
+    step.add_(keep)
+
+
 def _single_tensor_filter_and_model(
     group: GroupTensors,
     hp: GroupHyperparams,
@@ -186,28 +237,13 @@ def _single_tensor_filter_and_model(
 
     Updates b, h, P in place and returns ``v = ĝ/λ`` and ``r = a/λ`` for each parameter.
     """
-    prior = hp.reg_weight * hp.prior_precision  # ω·λ₀
+    prior = hp.prior  # ω·λ₀
     v_list, r_list = [], []
     for theta, grad, b, h, p00, p01, p11, lam, step in zip(*group, strict=True):
         x = theta.to(b.dtype)
         # Zeroing non-finite entries matters only when keep == 0, where it makes 0·update == 0.
         g = torch.nan_to_num(grad.to(b.dtype), nan=0.0, posinf=0.0, neginf=0.0)
-        # b starts at 0 and takes the first gradient on the parameter's first applied step.
-        first = (step == 0).to(b.dtype) * keep
-        b.add_(first * g)
-        kalman_update_(
-            x,
-            g,
-            b,
-            h,
-            p00,
-            p01,
-            p11,
-            process_noise=hp.filter_process_noise,
-            measurement_noise=hp.filter_measurement_noise,
-            keep=keep,
-        )
-        step.add_(keep)
+        filter_step_(x, g, b, h, p00, p01, p11, step, hp=hp, keep=keep)
         # 3-4. decoupled weight decay, then the model gradient and stepping curvature at μ
         mu = x * decay
         g_model = (h + prior) * mu + b
@@ -243,9 +279,7 @@ def _single_tensor_apply(
     keep: Tensor,
 ) -> None:
     """θ ← μ − c·Δ(η) (step 6) and λ ← (a + ν·λ)/(ω + ν) (step 7), in place."""
-    prior = hp.reg_weight * hp.prior_precision
-    lam_keep = hp.precision_inertia / (hp.reg_weight + hp.precision_inertia)
-    lam_gain = 1.0 / (hp.reg_weight + hp.precision_inertia)
+    prior, lam_keep, lam_gain = hp.prior, hp.precision_keep, hp.precision_gain
     for theta, h, lam, v, r in zip(
         group.params, group.curvatures, group.precisions, v_list, r_list, strict=True
     ):
@@ -290,7 +324,7 @@ def _multi_tensor_filter_and_model(
     (each one page-faults), so this allocates four lists and reuses them for everything: two
     come back as v and r, two as scratch for the dual's evaluations.
     """
-    prior = hp.reg_weight * hp.prior_precision
+    prior = hp.prior
     b, h = group.intercepts, group.curvatures
     p00, p01, p11 = group.cov_bb, group.cov_bh, group.cov_hh
     x = _as_state_dtype(group.params, b)
@@ -382,9 +416,7 @@ def _multi_tensor_apply(
     decay: Tensor,
     keep: Tensor,
 ) -> None:
-    prior = hp.reg_weight * hp.prior_precision
-    lam_keep = hp.precision_inertia / (hp.reg_weight + hp.precision_inertia)
-    lam_gain = 1.0 / (hp.reg_weight + hp.precision_inertia)
+    prior, lam_keep, lam_gain = hp.prior, hp.precision_keep, hp.precision_gain
     lam = group.precisions
     mu = _as_state_dtype(group.params, lam)  # the params themselves unless low precision
     # Δ = v/(r+η), written into v; then θ ← θ·decay − c·Δ.

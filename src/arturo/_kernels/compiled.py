@@ -123,21 +123,7 @@ def _filter_pass(
             # Steps 1-2 exactly as functional._single_tensor_filter_and_model.
             x = theta.to(b.dtype)
             g = _zero_nonfinite(grad.to(b.dtype))
-            first = (step == 0).to(b.dtype) * keep
-            b.add_(first * g)
-            F.kalman_update_(
-                x,
-                g,
-                b,
-                h,
-                p00,
-                p01,
-                p11,
-                process_noise=hp.filter_process_noise,
-                measurement_noise=hp.filter_measurement_noise,
-                keep=keep,
-            )
-            step.add_(keep)
+            F.filter_step_(x, g, b, h, p00, p01, p11, step, hp=hp, keep=keep)
 
 
 def _dual_pass(
@@ -150,7 +136,7 @@ def _dual_pass(
     sums = []
     for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
         decay = _decay(eps[i], hp, keep)
-        prior = hp.reg_weight * hp.prior_precision
+        prior = hp.prior
         s2, s3 = [], []
         for theta, b, h, lam in zip(
             group.params, group.intercepts, group.curvatures, group.precisions, strict=True
@@ -174,9 +160,7 @@ def _apply_pass(
 ) -> None:
     for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
         decay = _decay(eps[i], hp, keep)
-        prior = hp.reg_weight * hp.prior_precision
-        lam_keep = hp.precision_inertia / (hp.reg_weight + hp.precision_inertia)
-        lam_gain = 1.0 / (hp.reg_weight + hp.precision_inertia)
+        prior, lam_keep, lam_gain = hp.prior, hp.precision_keep, hp.precision_gain
         step_scale = scales[i] * keep
         for theta, b, h, lam in zip(
             group.params, group.intercepts, group.curvatures, group.precisions, strict=True
