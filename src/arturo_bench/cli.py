@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--target", type=float, default=0.90, help="test accuracy for 'first epoch reaching'"
     )
+    report.add_argument(
+        "--at-epochs",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="also tabulate test accuracy at these epochs, e.g. --at-epochs 10 20 40",
+    )
 
     data = sub.add_parser("data", help="dataset helpers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -212,7 +220,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    table, pngs = write_report(args.run_dirs, args.out, args.target)
+    table, pngs = write_report(args.run_dirs, args.out, args.target, args.at_epochs)
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'} and {len(pngs)} plots:")
     for p in pngs:

@@ -15,7 +15,15 @@ from typing import Any
 
 from .runs import find_runs
 
-__all__ = ["Group", "load_groups", "summarize", "markdown_table", "plot", "write_report"]
+__all__ = [
+    "Group",
+    "accuracy_at_epochs_table",
+    "load_groups",
+    "markdown_table",
+    "plot",
+    "summarize",
+    "write_report",
+]
 
 
 @dataclass
@@ -134,6 +142,23 @@ def markdown_table(rows: list[dict[str, Any]], target: float = 0.90) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def accuracy_at_epochs_table(groups: list[Group], epochs: list[int]) -> str:
+    """Test accuracy (mean ± std over seeds) at the given epochs; "–" where a run stopped
+    earlier. BENCHMARKS.md quotes the published figures this way (@ 10, @ 20, @ 40)."""
+    cols = " | ".join(f"@ {e}" for e in epochs)
+    head = f"| experiment | optimizer | {cols} |\n|---|---|{'---|' * len(epochs)}\n"
+    lines = []
+    for g in groups:
+        cells = []
+        for e in epochs:
+            accs = [h[e - 1]["test_acc"] for h in g.histories if len(h) >= e]
+            cells.append(
+                _pm(_mean_std(accs), 100, unit="%") if len(accs) == len(g.histories) else "–"
+            )
+        lines.append(f"| {g.experiment} | {g.optimizer} | {' | '.join(cells)} |")
+    return head + "\n".join(lines) + "\n"
+
+
 def _series(g: Group, key: str, x: str) -> tuple[list[float], list[float], list[float]]:
     """Mean and std over seeds at each epoch all seeds reached. Against wall-clock, the x value
     is the seeds' mean cumulative training time at that epoch."""
@@ -194,13 +219,18 @@ def plot(groups: list[Group], out: str | os.PathLike[str]) -> list[Path]:
 
 
 def write_report(
-    paths: list[str | os.PathLike[str]], out: str | os.PathLike[str], target: float = 0.90
+    paths: list[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    target: float = 0.90,
+    at_epochs: list[int] | None = None,
 ) -> tuple[str, list[Path]]:
-    """report.md (the table) and the PNGs under ``out``; returns the table and the PNG paths."""
+    """report.md (the tables) and the PNGs under ``out``; returns the tables and PNG paths."""
     groups = load_groups(paths)
     if not groups:
         raise FileNotFoundError(f"no runs with metrics found under {[str(p) for p in paths]}")
     table = markdown_table(summarize(groups, target), target)
+    if at_epochs:
+        table += "\nTest accuracy at epoch:\n\n" + accuracy_at_epochs_table(groups, at_epochs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(groups, out)

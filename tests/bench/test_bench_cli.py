@@ -175,8 +175,9 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
             ]
             store.write_metrics(history)
     out = tmp_path / "report"
-    assert main(["report", str(runs), "--out", str(out)]) == 0
+    assert main(["report", str(runs), "--out", str(out), "--at-epochs", "2", "5"]) == 0
     table = (out / "report.md").read_text()
+    assert "| fmnist_cnn | arturo | 91.10 ± 0.10% | – |" in table  # epoch 5 was never reached
     assert "| fmnist_cnn | arturo | 3 | 3 | 94.10 ± 0.10% | 94.10 ± 0.10% | 2.0 ± 0.0 |" in table
     # adam reaches 90% at epoch 3 on every seed
     assert "| fmnist_cnn | adam | 3 | 3 | 91.10 ± 0.10% | 91.10 ± 0.10% | 3.0 ± 0.0 |" in table
