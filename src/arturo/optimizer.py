@@ -345,9 +345,8 @@ class Arturo(Optimizer):
             # A KL bound of exactly 0 allows no step at all. torch.distributed.checkpoint
             # creates state by stepping once with lr=0 and zero gradients: that step must leave
             # the filter untouched too, or b would start from a zero "first gradient".
-            if collected is not None and not (
-                not isinstance(group["lr"], Tensor) and group["lr"] == 0
-            ):
+            zero_bound = not isinstance(group["lr"], Tensor) and group["lr"] == 0
+            if collected is not None and not zero_bound:
                 active.append(group)
                 tensors.append(collected)
         if not active:
