@@ -79,30 +79,34 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def summarize(groups: list[Group], target: float = 0.90) -> list[dict[str, Any]]:
-    """Per group: final and best test accuracy, first epoch reaching ``target``, times."""
+    """Per group: final and best test accuracy, first epoch reaching ``target``, times.
+
+    Seeds are compared at the same point: while some runs are unfinished, every figure is
+    taken over the epochs all of them reached (the "epochs" column, "n of N"), never a
+    finished run's final accuracy averaged with an unfinished one's."""
     rows = []
     for g in groups:
-        final = [h[-1]["test_acc"] for h in g.histories]
-        best = [max(r["test_acc"] for r in h) for h in g.histories]
-        first = [
-            next((r["epoch"] for r in h if r["test_acc"] >= target), None) for h in g.histories
-        ]
+        n = min(len(h) for h in g.histories)
+        histories = [h[:n] for h in g.histories]
+        final = [h[-1]["test_acc"] for h in histories]
+        best = [max(r["test_acc"] for r in h) for h in histories]
+        first = [next((r["epoch"] for r in h if r["test_acc"] >= target), None) for h in histories]
         reached = [f for f in first if f is not None]
         rows.append(
             {
                 "experiment": g.experiment,
                 "optimizer": g.optimizer,
                 "seeds": len(g.seeds),
-                "epochs": min(len(h) for h in g.histories),
+                "epochs": n,
                 "epochs_planned": g.epochs_planned,
                 "final_acc": _mean_std(final),
                 "best_acc": _mean_std(best),
                 "first_epoch": _mean_std([float(f) for f in reached]) if reached else None,
                 "reached": len(reached),
-                "train_time_s": _mean_std([sum(r["train_time_s"] for r in h) for h in g.histories]),
-                "step_time_s": _mean_std([sum(r["step_time_s"] for r in h) for h in g.histories]),
+                "train_time_s": _mean_std([sum(r["train_time_s"] for r in h) for h in histories]),
+                "step_time_s": _mean_std([sum(r["step_time_s"] for r in h) for h in histories]),
                 "epoch_time_s": _mean_std(
-                    [sum(r["train_time_s"] for r in h) / len(h) for h in g.histories]
+                    [sum(r["train_time_s"] for r in h) / n for h in histories]
                 ),
             }
         )

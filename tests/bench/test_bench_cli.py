@@ -199,6 +199,19 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "| fmnist_cnn-3ep | arturo | 3 | 3 | 94.10 ± 0.10% |" in table
     assert "| fmnist_cnn-1ep | arturo | 1 | 1 | 50.00% |" in table
 
+    # An unfinished seed (1 of 3 epochs): the seeds are compared at epoch 1, all of them.
+    partial = RunStore(runs / "fmnist_cnn" / "adam" / "seed3")
+    partial.path.mkdir(parents=True)
+    partial.config_path.write_text(
+        json.dumps({"name": "fmnist_cnn", "optimizer": "adam", "seed": 3, "epochs": 3})
+    )
+    partial.write_metrics([dict(history[0], test_acc=0.853)])
+    assert main(["report", str(runs), "--out", str(out)]) == 0
+    table = (out / "report.md").read_text()
+    # epoch-1 accuracies of seeds 0-3: 85.0, 85.1, 85.2, 85.3%; 90% not reached by epoch 1
+    row = "| fmnist_cnn | adam | 4 | 1 of 3 | 85.15 ± 0.13% | 85.15 ± 0.13% | not reached |"
+    assert row in table
+
 
 def test_console_script_lists_experiments() -> None:
     res = subprocess.run(
