@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="also tabulate test accuracy at these epochs, e.g. --at-epochs 10 20 40",
     )
+    report.add_argument(
+        "--paired",
+        default=None,
+        metavar="OPTIMIZER",
+        help="also tabulate final test accuracy minus this optimizer's, seed by seed "
+        "(the same seed means the same initial weights and data order), e.g. --paired arturo",
+    )
 
     data = sub.add_parser("data", help="dataset helpers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -220,7 +227,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    table, pngs = write_report(args.run_dirs, args.out, args.target, args.at_epochs)
+    table, pngs = write_report(
+        args.run_dirs, args.out, args.target, args.at_epochs, paired_with=args.paired
+    )
     print(table)
     print(f"wrote {Path(args.out) / 'report.md'} and {len(pngs)} plots:")
     for p in pngs:

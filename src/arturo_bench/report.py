@@ -20,6 +20,7 @@ __all__ = [
     "accuracy_at_epochs_table",
     "load_groups",
     "markdown_table",
+    "paired_table",
     "plot",
     "summarize",
     "write_report",
@@ -163,6 +164,43 @@ def accuracy_at_epochs_table(groups: list[Group], epochs: list[int]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def paired_table(groups: list[Group], reference: str) -> str:
+    """``reference``'s final test accuracy minus each other optimizer's, seed by seed.
+
+    A seed fixes the initial weights and the data order for every optimizer, so the per-seed
+    difference removes the part of the seed noise both runs share. Each pair is compared at
+    the last epoch both runs reached. ``t`` is the paired t statistic (mean / (std/√n)), with
+    n − 1 degrees of freedom; it is left blank with fewer than two seeds."""
+    head = (
+        f"| experiment | {reference} − optimizer | seeds | per seed (points) | mean ± std "
+        f"| t | {reference} ahead |\n|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for ref in (g for g in groups if g.optimizer == reference):
+        ref_runs = dict(zip(ref.seeds, ref.histories, strict=True))
+        for g in groups:
+            if g.experiment != ref.experiment or g is ref:
+                continue
+            seeds = sorted(set(g.seeds) & set(ref_runs))
+            if not seeds:
+                continue
+            runs = dict(zip(g.seeds, g.histories, strict=True))
+            diffs = []
+            for s in seeds:
+                n = min(len(runs[s]), len(ref_runs[s]))
+                diffs.append(100 * (ref_runs[s][n - 1]["test_acc"] - runs[s][n - 1]["test_acc"]))
+            m, sd = _mean_std(diffs)
+            t = "" if math.isnan(sd) or sd == 0 else f"{m / (sd / math.sqrt(len(diffs))):.2f}"
+            lines.append(
+                f"| {g.experiment} | {g.optimizer} | {', '.join(map(str, seeds))} "
+                f"| {', '.join(f'{d:+.2f}' for d in diffs)} | {_pm((m, sd), unit=' points')} "
+                f"| {t} | {sum(d > 0 for d in diffs)}/{len(diffs)} |"
+            )
+    if not lines:
+        raise ValueError(f"--paired {reference}: no runs of {reference!r} share a seed with others")
+    return head + "\n".join(lines) + "\n"
+
+
 def _series(g: Group, key: str, x: str) -> tuple[list[float], list[float], list[float]]:
     """Mean and std over seeds at each epoch all seeds reached. Against wall-clock, the x value
     is the seeds' mean cumulative training time at that epoch."""
@@ -227,6 +265,7 @@ def write_report(
     out: str | os.PathLike[str],
     target: float = 0.90,
     at_epochs: list[int] | None = None,
+    paired_with: str | None = None,
 ) -> tuple[str, list[Path]]:
     """report.md (the tables) and the PNGs under ``out``; returns the tables and PNG paths."""
     groups = load_groups(paths)
@@ -235,6 +274,11 @@ def write_report(
     table = markdown_table(summarize(groups, target), target)
     if at_epochs:
         table += "\nTest accuracy at epoch:\n\n" + accuracy_at_epochs_table(groups, at_epochs)
+    if paired_with:
+        table += (
+            f"\nFinal test accuracy, {paired_with} minus each optimizer, paired by seed:\n\n"
+            + paired_table(groups, paired_with)
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(groups, out)

@@ -213,6 +213,34 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert row in table
 
 
+def test_report_paired_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--paired: per-seed differences of final accuracy, their mean ± std and paired t."""
+    runs = tmp_path / "runs"
+    finals = {"arturo": [0.924, 0.925, 0.926], "sgd": [0.920, 0.922, 0.920], "adam": [0.93]}
+    for opt, accs in finals.items():
+        for seed, acc in enumerate(accs):
+            store = RunStore(runs / "fmnist_cnn" / opt / f"seed{seed}")
+            store.path.mkdir(parents=True)
+            cfg = {"name": "fmnist_cnn", "optimizer": opt, "seed": seed, "epochs": 2}
+            store.config_path.write_text(json.dumps(cfg))
+            row = {"train_loss": 0.5, "train_time_s": 1.0, "step_time_s": 0.1, "wall_time_s": 1}
+            store.write_metrics(
+                [dict(row, epoch=1, test_acc=0.5), dict(row, epoch=2, test_acc=acc)]
+            )
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--paired", "arturo"]) == 0
+    table = (out / "report.md").read_text()
+    # differences 0.4, 0.3, 0.6 points: mean 0.433, std 0.153, t = 0.433 / (0.153/√3) = 4.91
+    assert (
+        "| fmnist_cnn | sgd | 0, 1, 2 | +0.40, +0.30, +0.60 | 0.43 ± 0.15 points | 4.91 | 3/3 |"
+        in table
+    )
+    # only seed 0 in common: no std, no t
+    assert "| fmnist_cnn | adam | 0 | -0.60 | -0.60 points |  | 0/1 |" in table
+    assert main(["report", str(runs), "--out", str(out), "--paired", "ivon"]) == 2
+    assert "no runs of 'ivon'" in capsys.readouterr().err
+
+
 def test_console_script_lists_experiments() -> None:
     res = subprocess.run(
         [sys.executable, "-m", "arturo_bench", "list"], capture_output=True, text=True, check=True
