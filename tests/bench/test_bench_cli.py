@@ -31,6 +31,29 @@ def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+def write_fixture_run(
+    path: Path, optimizer: str, seed: int, epochs: int, test_accs: list[float]
+) -> None:
+    """A saved run written by hand: its config and one metrics row per finished epoch."""
+    store = RunStore(path)
+    store.path.mkdir(parents=True)
+    cfg = {"name": "fmnist_cnn", "optimizer": optimizer, "seed": seed, "epochs": epochs}
+    store.config_path.write_text(json.dumps(cfg))
+    store.write_metrics(
+        [
+            {
+                "epoch": e,
+                "train_loss": 1.0 / e,
+                "test_acc": acc,
+                "train_time_s": 2.0,
+                "step_time_s": 0.5,
+                "wall_time_s": 2.0 * e,
+            }
+            for e, acc in enumerate(test_accs, 1)
+        ]
+    )
+
+
 def test_run_end_to_end(tmp_path: Path, fmnist_dir: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "runs"
     args = ["--data-dir", str(fmnist_dir), "--out", str(out), "--epochs", "1"]
@@ -158,22 +181,8 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
     runs = tmp_path / "runs"
     for opt, acc0 in (("arturo", 0.85), ("adam", 0.82)):
         for seed in range(3):
-            store = RunStore(runs / "fmnist_cnn" / opt / f"seed{seed}")
-            store.path.mkdir(parents=True)
-            cfg = {"name": "fmnist_cnn", "optimizer": opt, "seed": seed, "epochs": 3}
-            store.config_path.write_text(json.dumps(cfg))
-            history = [
-                {
-                    "epoch": e,
-                    "train_loss": 1.0 / e,
-                    "test_acc": acc0 + 0.03 * e + 0.001 * seed,
-                    "train_time_s": 2.0,
-                    "step_time_s": 0.5,
-                    "wall_time_s": 2.0 * e,
-                }
-                for e in (1, 2, 3)
-            ]
-            store.write_metrics(history)
+            accs = [acc0 + 0.03 * e + 0.001 * seed for e in (1, 2, 3)]
+            write_fixture_run(runs / "fmnist_cnn" / opt / f"seed{seed}", opt, seed, 3, accs)
     out = tmp_path / "report"
     assert main(["report", str(runs), "--out", str(out), "--at-epochs", "2", "5"]) == 0
     table = (out / "report.md").read_text()
@@ -188,24 +197,14 @@ def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "94.10 ± 0.10%" in capsys.readouterr().out
 
     # A run of another schedule is reported apart, never averaged with the 3-epoch seeds.
-    other = RunStore(runs / "elsewhere" / "arturo" / "seed0")
-    other.path.mkdir(parents=True)
-    other.config_path.write_text(
-        json.dumps({"name": "fmnist_cnn", "optimizer": "arturo", "seed": 0, "epochs": 1})
-    )
-    other.write_metrics([dict(history[0], test_acc=0.5)])
+    write_fixture_run(runs / "elsewhere" / "arturo" / "seed0", "arturo", 0, 1, [0.5])
     assert main(["report", str(runs), "--out", str(out)]) == 0
     table = (out / "report.md").read_text()
     assert "| fmnist_cnn-3ep | arturo | 3 | 3 | 94.10 ± 0.10% |" in table
     assert "| fmnist_cnn-1ep | arturo | 1 | 1 | 50.00% |" in table
 
     # An unfinished seed (1 of 3 epochs): the seeds are compared at epoch 1, all of them.
-    partial = RunStore(runs / "fmnist_cnn" / "adam" / "seed3")
-    partial.path.mkdir(parents=True)
-    partial.config_path.write_text(
-        json.dumps({"name": "fmnist_cnn", "optimizer": "adam", "seed": 3, "epochs": 3})
-    )
-    partial.write_metrics([dict(history[0], test_acc=0.853)])
+    write_fixture_run(runs / "fmnist_cnn" / "adam" / "seed3", "adam", 3, 3, [0.853])
     assert main(["report", str(runs), "--out", str(out)]) == 0
     table = (out / "report.md").read_text()
     # epoch-1 accuracies of seeds 0-3: 85.0, 85.1, 85.2, 85.3%; 90% not reached by epoch 1
@@ -219,14 +218,7 @@ def test_report_paired_by_seed(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     finals = {"arturo": [0.924, 0.925, 0.926], "sgd": [0.920, 0.922, 0.920], "adam": [0.93]}
     for opt, accs in finals.items():
         for seed, acc in enumerate(accs):
-            store = RunStore(runs / "fmnist_cnn" / opt / f"seed{seed}")
-            store.path.mkdir(parents=True)
-            cfg = {"name": "fmnist_cnn", "optimizer": opt, "seed": seed, "epochs": 2}
-            store.config_path.write_text(json.dumps(cfg))
-            row = {"train_loss": 0.5, "train_time_s": 1.0, "step_time_s": 0.1, "wall_time_s": 1}
-            store.write_metrics(
-                [dict(row, epoch=1, test_acc=0.5), dict(row, epoch=2, test_acc=acc)]
-            )
+            write_fixture_run(runs / "fmnist_cnn" / opt / f"seed{seed}", opt, seed, 2, [0.5, acc])
     out = tmp_path / "report"
     assert main(["report", str(runs), "--out", str(out), "--paired", "arturo"]) == 0
     table = (out / "report.md").read_text()
