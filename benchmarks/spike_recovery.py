@@ -2,7 +2,9 @@
 
 A noiseless linear regression (20 features, 1 output, 256 fixed samples, full batch, MSE) is
 trained from the same seed with ``Arturo(lr=0.05)`` (other arguments default) and with
-``torch.optim.Adam(lr=1e-2)``. At one step (``--spike-step``) the loss is multiplied by a
+``torch.optim.Adam(lr=1e-2)``, and with arturo's gradient-outlier check switched off
+(``outlier_threshold=math.inf``), which shows what the filter's and the dual's own guards
+achieve alone. At one step (``--spike-step``) the loss is multiplied by a
 finite factor s before ``backward()``, as a loss-scaling bug or one bad batch would do; the
 gradient stays finite, so arturo's non-finite guard does not see it. Each row is one
 (optimizer, s) run. "Loss at step k" is the unscaled loss after k optimizer steps; the
@@ -38,7 +40,11 @@ FEATURES = 20
 SAMPLES = 256
 ADAM_LR = 1e-2
 ARTURO_LR = 0.05
-LABELS = {"arturo": f"arturo (lr {ARTURO_LR:g})", "adam": f"Adam (lr {ADAM_LR:g})"}
+LABELS = {
+    "arturo": f"arturo (lr {ARTURO_LR:g})",
+    "arturo-nocheck": f"arturo (lr {ARTURO_LR:g}, outlier_threshold=inf)",
+    "adam": f"Adam (lr {ADAM_LR:g})",
+}
 
 
 def make_data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +61,8 @@ def train(
     model = torch.nn.Linear(FEATURES, 1)
     if name == "arturo":
         opt: torch.optim.Optimizer = Arturo(model.parameters(), lr=ARTURO_LR)
+    elif name == "arturo-nocheck":  # the filter's and the dual's own guards alone
+        opt = Arturo(model.parameters(), lr=ARTURO_LR, outlier_threshold=math.inf)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
 
@@ -114,7 +122,7 @@ def main() -> None:
 
     x, y = make_data(args.seed)
     start = time.perf_counter()
-    names, scales = ("arturo", "adam"), args.scales
+    names, scales = ("arturo", "arturo-nocheck", "adam"), args.scales
     rows = [train(name, scale, x, y, args) for name in names for scale in scales]
     s = args.spike_step
     # Every run of one optimizer shares its trajectory up to the spike.

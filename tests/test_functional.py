@@ -51,6 +51,13 @@ def _random_dual(seed: int, n: int, decades: float, dtype=torch.float64):
     return v, r, lam
 
 
+def _dual_sums(v, r, lam, eta):
+    """(Σ λΔ², Σ λΔ²/(r+η)), Δ = v/(r+η): the partial sums ``solve_dual`` expects, [1, 2]."""
+    d = r + eta
+    t = lam * (v / d) ** 2
+    return torch.stack([t.sum(), (t / d).sum()])[None]
+
+
 def _kl(v, r, lam, eta, scale=1.0):
     delta = scale * v / (r + eta)
     return 0.5 * float((lam * delta * delta).sum())
@@ -70,7 +77,7 @@ def test_dual_solve_trust_region_holds(seed, n, decades, log_eps, eta_prev, newt
     eps = torch.tensor([10.0**log_eps], dtype=torch.float64)
 
     def sums(eta):
-        return F._single_tensor_dual_sums([v], [r], [lam], eta[0])[None]
+        return _dual_sums(v, r, lam, eta[0])
 
     eta, scale, kl = F.solve_dual(
         sums, eps, torch.tensor([eta_prev], dtype=torch.float64), newton_steps=newton_steps
@@ -92,7 +99,7 @@ def test_dual_solve_converges_to_the_root():
     eps = torch.tensor([1e-3], dtype=torch.float64)
 
     def sums(eta):
-        return F._single_tensor_dual_sums([v], [r], [lam], eta[0])[None]
+        return _dual_sums(v, r, lam, eta[0])
 
     eta, scale, _ = F.solve_dual(sums, eps, torch.zeros(1, dtype=torch.float64), newton_steps=6)
     # Converged: the exact root, so the feasibility scale is (almost) not needed.
@@ -107,7 +114,7 @@ def test_newton_is_exact_when_all_curvature_ratios_are_equal():
     r = torch.full((3,), 0.5, dtype=torch.float64)
     eps = torch.tensor([0.01], dtype=torch.float64)
     eta, _, _ = F.solve_dual(
-        lambda e: F._single_tensor_dual_sums([v], [r], [lam], e[0])[None],
+        lambda e: _dual_sums(v, r, lam, e[0]),
         eps,
         torch.zeros(1, dtype=torch.float64),
         newton_steps=1,
@@ -119,7 +126,7 @@ def test_newton_is_exact_when_all_curvature_ratios_are_equal():
 def test_dual_solve_of_a_zero_gradient_takes_no_step():
     v, r, lam = torch.zeros(4), torch.ones(4), torch.ones(4)
     eta, scale, kl = F.solve_dual(
-        lambda e: F._single_tensor_dual_sums([v], [r], [lam], e[0])[None],
+        lambda e: _dual_sums(v, r, lam, e[0]),
         torch.tensor([0.1]),
         torch.tensor([2.0]),
         newton_steps=3,
@@ -127,30 +134,25 @@ def test_dual_solve_of_a_zero_gradient_takes_no_step():
     assert torch.isfinite(eta).all() and float(kl) == 0.0 and float(scale) == 1.0
 
 
-def test_every_global_sum_goes_through_reduce_fn_once_per_evaluation():
+def test_every_global_sum_goes_through_reduce_fn_once_per_evaluation(monkeypatch):
+    import arturo.optimizer as opt_module
+    from arturo import Arturo
+
     calls = []
 
     def reduce_fn(t):
         calls.append(t.shape)
         return t
 
+    monkeypatch.setattr(opt_module, "partial_sum_reducer", lambda params: reduce_fn)
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (5,), (2, 2, 2)]]
     for p in params:
         p.grad = torch.randn_like(p)
-    from arturo import Arturo
-
-    groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.01}]
     for foreach in (False, True):
         calls.clear()
-        opt = Arturo(groups, newton_steps=3, foreach=foreach)
-        import arturo.optimizer as opt_module
-
-        original = opt_module.partial_sum_reducer
-        opt_module.partial_sum_reducer = lambda params: reduce_fn
-        try:
-            opt.step()
-        finally:
-            opt_module.partial_sum_reducer = original
-        # One for the non-finite count, then one [groups, 2] tensor per dual evaluation.
-        assert calls == [torch.Size([])] + [torch.Size([2, 2])] * 4
+        # Fresh group dicts for each optimizer (a reused dict is copied, never shared).
+        groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.01}]
+        Arturo(groups, newton_steps=3, foreach=foreach).step()
+        # One [groups, 2] tensor for the gradient check, then one per dual evaluation.
+        assert calls == [torch.Size([2, 2])] * 5

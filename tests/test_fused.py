@@ -193,12 +193,12 @@ def test_default_on_cpu_is_not_fused(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("fused path used")
 
-    monkeypatch.setattr(C, "fused_arturo_step", fail)
+    monkeypatch.setattr(C, "fused_passes", fail)
     p = torch.ones(3, requires_grad=True)
     opt = Arturo([p])
     p.grad = torch.ones(3)
     opt.step()
-    assert opt.param_groups[0]["fused"] is None
+    assert float(opt.state[p]["step"]) == 1.0
 
 
 def test_past_the_recompile_limit_a_pass_runs_uncompiled(monkeypatch):
@@ -218,30 +218,29 @@ def test_past_the_recompile_limit_a_pass_runs_uncompiled(monkeypatch):
 
 
 def test_fused_step_via_functional_matches_reference():
-    """``functional.arturo_step(fused=True)`` is a drop-in for the other implementations."""
+    """``functional.arturo_step(impl="fused")`` is a drop-in for the other implementations."""
     results = []
-    for fused in (False, True):
+    for impl in ("single", "fused"):
         groups = _params()
         opt = _make(groups)  # only to build state and group tensors
         _set_grads(groups, 0)
         tensors = [opt._collect_group(g) for g in opt.param_groups]
         hps = [opt._hyperparams(g) for g in opt.param_groups]
         lrs = torch.tensor([g["lr"] for g in opt.param_groups], dtype=torch.float32)
-        grads = [g for t in tensors for g in t.grads]
         res = F.arturo_step(
             tensors,
             hps,
             lrs=lrs,
             etas=torch.zeros(2),
-            nonfinite_count=F.count_nonfinite_grads(grads, torch.float32),
+            grad_scales=torch.zeros(2),
             newton_steps=3,
-            foreach=False,
-            fused=fused,
+            impl=impl,
         )
         results.append((res, [p.clone() for g in groups for p in g]))
     (ra, pa), (rb, pb) = results
     torch.testing.assert_close(ra.eta, rb.eta, rtol=1e-5, atol=0)
     torch.testing.assert_close(ra.kl, rb.kl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ra.grad_scale, rb.grad_scale, rtol=1e-6, atol=0)
     for x, y in zip(pa, pb, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7 if x.dtype != torch.bfloat16 else 0)
 

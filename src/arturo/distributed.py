@@ -4,9 +4,9 @@ The trust-region dual sums a KL over every coordinate of a param group. When par
 sharded (FSDP2 ``fully_shard``: DTensor parameters), each rank holds a slice of every sum, and
 the slices must be added up before the Newton update. ``functional.arturo_step`` routes every
 such sum through the function returned here, so a step issues a fixed, small number of
-collectives of a few floats each, independent of the number of tensors: one for the count of
-non-finite gradients, then one per evaluation of the dual (``newton_steps + 1`` of them), each
-an all-reduce of a ``[G, 2]`` tensor for G param groups.
+collectives of a few floats each, independent of the number of tensors: one for the gradient
+check (count of non-finite gradients and gradient scale), then one per evaluation of the dual
+(``newton_steps + 1`` of them), each an all-reduce of a ``[G, 2]`` tensor for G param groups.
 
 Under DDP every rank holds all of every parameter, so no reduction is needed.
 

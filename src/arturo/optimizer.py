@@ -1,4 +1,5 @@
-"""The :class:`Arturo` optimizer: validation, param groups and state around ``functional``."""
+"""The :class:`Arturo` optimizer: validation, param groups, state and dispatch around
+``functional``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.optim import Optimizer
 from . import functional as F
 from .distributed import local_shard, partial_sum_reducer
 
-__all__ = ["Arturo", "NonFiniteGradientError", "SparseGradientError"]
+__all__ = ["Arturo", "NonFiniteGradientError", "SparseGradientError", "choose_implementation"]
 
 # Per-parameter state keys. All are checkpointed; none is derived.
 STATE_STEP = "step"  # 0-dim float32: applied (not skipped) steps of this parameter
@@ -34,14 +35,30 @@ PARAM_STATE_KEYS = (
 )
 
 # Per-group state, kept as 0-dim tensors in the param group itself so that state_dict()
-# carries it next to the group's hyperparameters.
+# carries it next to the group's hyperparameters (and DCP saves it once, not per rank).
 GROUP_ETA = "eta"  # η of the last step: Lagrange multiplier of the trust region
 GROUP_KL = "kl"  # KL of the last step
-GROUP_SKIPPED = "skipped_steps"  # steps cancelled by a non-finite gradient
-GROUP_STATE_KEYS = (GROUP_ETA, GROUP_KL, GROUP_SKIPPED)
+GROUP_SKIPPED = "skipped_steps"  # steps cancelled by a fault (non-finite, invalid ε, outlier)
+GROUP_GRAD_SCALE = "grad_scale"  # running gradient scale, for the outlier check
+GROUP_STATE_DTYPES = {
+    GROUP_ETA: torch.float32,
+    GROUP_KL: torch.float32,
+    GROUP_SKIPPED: torch.int64,
+    GROUP_GRAD_SCALE: torch.float32,
+}
 
-# The published Fashion-MNIST hyperparameters (ALGORITHM.md, full precision from the paper's
-# code); see BENCHMARKS.md for the other experiments.
+# Options of the whole optimizer, not of a param group: one implementation runs all groups,
+# and one dual solve with a fixed iteration count serves them all at once.
+OPTIMIZER_OPTIONS = ("foreach", "fused", "newton_steps", "nonfinite")
+
+#: Version of the layout of ``state_dict()``; :func:`upgrade_state_dict` brings older ones
+#: up to date. 1: before the version key existed. 2: adds the group's ``grad_scale`` and
+#: ``outlier_threshold``; implementation options are no longer stored in param groups.
+STATE_FORMAT_KEY = "arturo_state_format"
+STATE_FORMAT = 2
+
+# The published Fashion-MNIST hyperparameters (docs/published.md), at the full precision of
+# the paper's code.
 DEFAULT_LR = 0.08567456308209788
 
 
@@ -62,6 +79,108 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _validate_hyperparams(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of ``group``.
+
+    Runs when a group is added and at every ``step()``, since schedulers and users may change
+    a group's values at any time. A tensor ``lr`` is checked on the device by the step itself.
+    """
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        _check("lr", lr, lr.numel() == 1 and not lr.requires_grad, "a 1-element tensor")
+    else:
+        _check("lr", lr, _is_real(lr) and lr >= 0, "the KL bound must be finite and >= 0")
+    for name in ("weight_decay", "reg_weight", "prior_precision", "precision_inertia"):
+        _check(name, group[name], _is_real(group[name]) and group[name] >= 0, "finite and >= 0")
+    _check(
+        "filter_process_noise",
+        group["filter_process_noise"],
+        _is_real(group["filter_process_noise"]) and group["filter_process_noise"] >= 0,
+        "finite and >= 0",
+    )
+    for name in ("init_variance", "filter_init_cov", "filter_measurement_noise"):
+        _check(name, group[name], _is_real(group[name]) and group[name] > 0, "finite and > 0")
+    _check("init_curvature", group["init_curvature"], _is_real(group["init_curvature"]), "finite")
+    threshold = group["outlier_threshold"]
+    _check(
+        "outlier_threshold",
+        threshold,
+        isinstance(threshold, int | float) and not isinstance(threshold, bool) and threshold > 1,
+        "a number > 1, or math.inf to never skip a step for its gradient's scale",
+    )
+    omega, nu, lam0 = group["reg_weight"], group["precision_inertia"], group["prior_precision"]
+    _check(
+        "reg_weight + precision_inertia",
+        omega + nu,
+        omega + nu > 0,
+        "the precision update divides by it",
+    )
+    _check(
+        "reg_weight * prior_precision",
+        omega * lam0,
+        omega * lam0 > 0,
+        "the prior keeps every coordinate's curvature positive; both must be > 0",
+    )
+
+
+def choose_implementation(device: torch.device, foreach: bool | None, fused: bool | None) -> str:
+    """The implementation a step runs, following the flags exactly (as torch.optim does):
+
+    - ``fused=True``: the compiled per-tensor passes (CPU, or CUDA with Triton);
+    - ``foreach=True``: the multi-tensor path;
+    - ``foreach=False``: the single-tensor reference, on every device;
+    - otherwise (``None``, or ``fused=False`` with ``foreach=None``): fused on CUDA when
+      Triton can compile it, else foreach on CPU and CUDA, else single-tensor.
+
+    The CPU default is foreach, not fused, although fused is several times faster per step
+    (docs/performance.md): its first step compiles for 10 s to over a minute and needs a C++
+    toolchain, which short CPU runs and test suites never win back.
+    """
+    if fused:
+        from ._kernels.compiled import fused_available
+
+        if not fused_available(device):
+            raise RuntimeError(
+                f"fused=True needs a CPU, or a CUDA device with Triton; got {device}. Pass "
+                "fused=None to let arturo choose."
+            )
+        return "fused"
+    if foreach is not None:
+        return "foreach" if foreach else "single"
+    if fused is None and device.type == "cuda":
+        from ._kernels.compiled import fused_available
+
+        if fused_available(device):
+            return "fused"
+    return "foreach" if device.type in ("cpu", "cuda") else "single"
+
+
+def upgrade_state_dict(state_dict: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` in the current format (:data:`STATE_FORMAT`).
+
+    The one place where checkpoints of older versions are brought up to date. Checkpoints
+    that went through ``torch.distributed.checkpoint`` lose the top-level version key, so every
+    upgrade step is written to be harmless on a dict that is already current.
+    """
+    version = state_dict.get(STATE_FORMAT_KEY, 1)
+    if not isinstance(version, int) or version > STATE_FORMAT:
+        raise ValueError(
+            f"this optimizer state has format {version!r}; this version of arturo reads "
+            f"formats up to {STATE_FORMAT}: upgrade arturo"
+        )
+    groups = []
+    for saved in state_dict["param_groups"]:
+        group = dict(saved)
+        # 1 -> 2: implementation options became optimizer-level; the outlier check is new.
+        for key in ("foreach", "fused", "newton_steps"):
+            group.pop(key, None)
+        group.setdefault("outlier_threshold", defaults["outlier_threshold"])
+        for key, dtype in GROUP_STATE_DTYPES.items():
+            group.setdefault(key, torch.zeros((), dtype=dtype))
+        groups.append(group)
+    return {**state_dict, "param_groups": groups, STATE_FORMAT_KEY: STATE_FORMAT}
+
+
 class Arturo(Optimizer):
     r"""arTuRO: a KL trust-region step on a diagonal Gaussian, with curvature from gradients.
 
@@ -70,7 +189,7 @@ class Arturo(Optimizer):
     are the mean of a search distribution q = N(θ, diag(1/λ)). A per-coordinate Kalman filter
     fits the gradient model ĝ(θ) = b + h·θ to the stochastic gradients, so h estimates the
     Hessian diagonal. Each step minimises the model plus a prior term inside KL ≤ ε, with
-    ε = ``lr``. The project's ALGORITHM.md is the full specification.
+    ε = ``lr``. docs/algorithm.md is the full specification.
 
     .. math::
         \begin{aligned}
@@ -102,6 +221,7 @@ class Arturo(Optimizer):
     h₀           ``init_curvature``              ``curvature`` (h)             0.1
     b            --                              ``grad_intercept``            first gradient
     η            --                              group ``eta``                 0
+    --           ``outlier_threshold``           group ``grad_scale``          100
     ===========  ==============================  ============================  ==============
 
     Args:
@@ -118,17 +238,30 @@ class Arturo(Optimizer):
         filter_process_noise: q, how fast the filter forgets.
         filter_measurement_noise: r, the assumed variance of one gradient measurement.
         init_curvature: initial Hessian-diagonal estimate h₀.
+        outlier_threshold: a step whose gradient scale (Σ over the group's tensors of
+            max |g|) exceeds this multiple of its running average is skipped like a
+            non-finite one, so a single loss spike cannot corrupt the filter; a lasting change
+            of scale is accepted after a few steps. ``math.inf`` disables the check.
         newton_steps: Newton iterations of the dual solve per step (each is one fused global
             reduction). The step is scaled to satisfy KL ≤ ε exactly whatever this is.
-        nonfinite: ``"skip"`` (default) cancels a step whose gradients hold NaN or ±inf,
-            leaving params and state bitwise unchanged, without a host sync; the number of
-            skipped steps is in :meth:`stats`. ``"raise"`` raises
+        nonfinite: ``"skip"`` (default) cancels a group's step when one of its gradients holds
+            NaN or ±inf, leaving its params and state bitwise unchanged, without a host sync;
+            the number of skipped steps is in :meth:`stats`. ``"raise"`` raises
             :class:`NonFiniteGradientError` instead (this syncs with the device every step).
-        foreach: use the multi-tensor implementation (default: yes on CPU and CUDA).
-        fused: use the compiled implementation (``torch.compile``: three fused passes per
-            step, the same math). Default: yes on CUDA when Triton is available, no on CPU,
-            where it is 4-5x faster per step than foreach but compiles for 10 s to over a
+        foreach: ``True``: the multi-tensor implementation; ``False``: the single-tensor
+            reference, on every device. Default: chosen (see :func:`choose_implementation`).
+        fused: ``True``: the compiled implementation (``torch.compile`` of the reference's
+            per-tensor passes; CPU, or CUDA with Triton). Default: fused on CUDA when Triton is
+            available; on CPU foreach, because the fused step compiles for 10 s to over a
             minute first (docs/performance.md). Cannot be combined with ``foreach=True``.
+
+        ``foreach``, ``fused``, ``newton_steps`` and ``nonfinite`` apply to the whole
+        optimizer; a param group that sets one of them differently is refused.
+
+    A group's step with ``lr`` = 0 changes nothing (it creates missing state, as
+    ``torch.distributed.checkpoint`` needs) and is not counted as skipped. A Python-number
+    ``lr`` that is negative, NaN or infinite raises ``ValueError`` at ``step()``; such a
+    tensor ``lr`` cancels the group's step on the device and counts it as skipped.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -154,11 +287,36 @@ class Arturo(Optimizer):
         filter_process_noise: float = 0.017392958232048346,
         filter_measurement_noise: float = 2.8167911612651997,
         init_curvature: float = 0.1,
+        outlier_threshold: float = 100.0,
         newton_steps: int = 3,
         nonfinite: Literal["skip", "raise"] = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
+        _check("nonfinite", nonfinite, nonfinite in ("skip", "raise"), 'use "skip" or "raise"')
+        _check(
+            "newton_steps",
+            newton_steps,
+            isinstance(newton_steps, int)
+            and not isinstance(newton_steps, bool)
+            and newton_steps >= 2,
+            "an int >= 2: from a warm start past the root, one Newton step may only get back "
+            "to η = 0, and one more is needed to leave it",
+        )
+        _check(
+            "foreach", foreach, foreach is None or isinstance(foreach, bool), "True, False or None"
+        )
+        _check("fused", fused, fused is None or isinstance(fused, bool), "True, False or None")
+        _check(
+            "fused",
+            fused,
+            not (fused and foreach),
+            "fused=True and foreach=True are exclusive; pick one",
+        )
+        self.nonfinite = nonfinite
+        self.newton_steps = newton_steps
+        self.foreach = foreach
+        self.fused = fused
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -170,95 +328,59 @@ class Arturo(Optimizer):
             filter_process_noise=filter_process_noise,
             filter_measurement_noise=filter_measurement_noise,
             init_curvature=init_curvature,
-            newton_steps=newton_steps,
-            foreach=foreach,
-            fused=fused,
+            outlier_threshold=outlier_threshold,
         )
-        _check("nonfinite", nonfinite, nonfinite in ("skip", "raise"), 'use "skip" or "raise"')
-        self.nonfinite = nonfinite
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
     # Param groups and validation
     # ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, Tensor):
-            _check("lr", lr, lr.numel() == 1 and not lr.requires_grad, "a 1-element tensor")
-            lr = float(lr)
-        _check("lr", lr, _is_real(lr) and lr > 0, "the KL bound must be finite and > 0")
-        nonneg = ("weight_decay", "reg_weight", "prior_precision", "precision_inertia")
-        for name in (*nonneg, "filter_process_noise"):
-            value = group[name]
-            _check(name, value, _is_real(value) and value >= 0, "must be finite and >= 0")
-        for name in ("init_variance", "filter_init_cov", "filter_measurement_noise"):
-            value = group[name]
-            _check(name, value, _is_real(value) and value > 0, "must be finite and > 0")
-        _check(
-            "init_curvature",
-            group["init_curvature"],
-            _is_real(group["init_curvature"]),
-            "must be finite",
-        )
-        omega, nu, lam0 = group["reg_weight"], group["precision_inertia"], group["prior_precision"]
-        _check(
-            "reg_weight + precision_inertia",
-            omega + nu,
-            omega + nu > 0,
-            "the precision update divides by it",
-        )
-        _check(
-            "reg_weight * prior_precision",
-            omega * lam0,
-            omega * lam0 > 0,
-            "the prior keeps every coordinate's curvature positive; both must be > 0",
-        )
-        steps = group["newton_steps"]
-        _check(
-            "newton_steps",
-            steps,
-            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 2,
-            "an int >= 2: from a warm start past the root, one Newton step may only get back "
-            "to η = 0, and one more is needed to leave it",
-        )
-        _check("foreach", group["foreach"], group["foreach"] in (None, True, False), "bool|None")
-        group.setdefault("fused", None)  # groups saved before the fused path existed
-        _check("fused", group["fused"], group["fused"] in (None, True, False), "bool|None")
-        _check(
-            "fused",
-            group["fused"],
-            not (group["fused"] and group["foreach"]),
-            "fused=True and foreach=True are exclusive; pick one",
-        )
-        if group["fused"]:
-            for p in group["params"]:
-                _check(
-                    "fused",
-                    True,
-                    p.device.type in ("cpu", "cuda"),
-                    f"the fused step runs on CPU and CUDA tensors, not on {p.device.type}",
-                )
-        for p in group["params"]:
-            if p.is_sparse:
-                raise SparseGradientError("Arturo does not support sparse parameters")
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        """Add a group, like torch.optim. The caller's dict is copied, not filled in: a group
+        dict reused for a second optimizer must not carry this one's η."""
+        group = dict(param_group)
+        for key in ("foreach", "fused", "newton_steps"):
+            if key in group:
+                _check(
+                    key,
+                    group[key],
+                    group[key] == getattr(self, key),
+                    f"{key} is an option of the whole optimizer ({getattr(self, key)!r} here): "
+                    "one implementation and one dual solve serve all groups. Pass it to "
+                    "Arturo(...) instead of a param group",
+                )
+                del group[key]
+        for key in GROUP_STATE_DTYPES:
+            group.pop(key, None)  # this optimizer's state, never the caller's
+        super().add_param_group(group)
         group = self.param_groups[-1]
         try:
-            self._validate_group(group)
+            _validate_hyperparams(group)
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise SparseGradientError("Arturo does not support sparse parameters")
+                if self.fused:
+                    _check(
+                        "fused",
+                        True,
+                        p.device.type in ("cpu", "cuda"),
+                        f"the fused step runs on CPU and CUDA tensors, not on {p.device.type}",
+                    )
         except Exception:
             self.param_groups.pop()  # a rejected group must not linger in the optimizer
             raise
-        group.setdefault(GROUP_ETA, torch.zeros((), dtype=torch.float32))
-        group.setdefault(GROUP_KL, torch.zeros((), dtype=torch.float32))
-        group.setdefault(GROUP_SKIPPED, torch.zeros((), dtype=torch.int64))
+        for key, dtype in GROUP_STATE_DTYPES.items():
+            group[key] = torch.zeros((), dtype=dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles (and deep-copies) only defaults, state and param groups.
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in OPTIMIZER_OPTIONS}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("nonfinite", "skip")
+        for key, default in zip(OPTIMIZER_OPTIONS, (None, None, 3, "skip"), strict=True):
+            self.__dict__.setdefault(key, default)
 
     # ----------------------------------------------------------------------------------------
     # State
@@ -325,6 +447,7 @@ class Arturo(Optimizer):
             precision_inertia=group["precision_inertia"],
             filter_process_noise=group["filter_process_noise"],
             filter_measurement_noise=group["filter_measurement_noise"],
+            outlier_threshold=float(group["outlier_threshold"]),
         )
 
     # ----------------------------------------------------------------------------------------
@@ -341,12 +464,9 @@ class Arturo(Optimizer):
 
         active, tensors = [], []
         for group in self.param_groups:
+            _validate_hyperparams(group)  # a scheduler or a user may have changed them
             collected = self._collect_group(group)  # creates missing state
-            # A KL bound of exactly 0 allows no step at all. torch.distributed.checkpoint
-            # creates state by stepping once with lr=0 and zero gradients: that step must leave
-            # the filter untouched too, or b would start from a zero "first gradient".
-            zero_bound = not isinstance(group["lr"], Tensor) and group["lr"] == 0
-            if collected is not None and not zero_bound:
+            if collected is not None:
                 active.append(group)
                 tensors.append(collected)
         if not active:
@@ -354,11 +474,12 @@ class Arturo(Optimizer):
 
         device = tensors[0].params[0].device
         for t in tensors:
-            if t.params[0].device != device or any(p.device != device for p in t.params):
+            if any(p.device != device for p in t.params):
                 raise ValueError(
                     "Arturo needs all parameters with gradients on one device; found "
                     f"{device} and {next(p.device for p in t.params if p.device != device)}"
                 )
+        impl = choose_implementation(device, self.foreach, self.fused)
         solve_dtype = (
             torch.float64
             if any(b.dtype == torch.float64 for t in tensors for b in t.intercepts)
@@ -367,90 +488,122 @@ class Arturo(Optimizer):
         reduce_fn = partial_sum_reducer(
             [p for g in active for p in g["params"] if p.grad is not None]
         )
-        # An empty shard (FSDP2, fewer rows than ranks) has no ∞-norm; a 0 keeps the list whole.
-        all_grads = [g for t in tensors for g in t.grads if g.numel()] or [
-            torch.zeros(1, device=device)
-        ]
-        fused = active[0].get("fused")
-        if fused is None:
-            # CUDA: fused when Triton can compile it (~140 B/param in 7 fused passes against
-            # the foreach path's ~30 parameter-sized round trips; GPU figures still to be
-            # measured, docs/performance.md). CPU: not by default, although measured 4-5x
-            # faster per step than foreach (ResNet-34 set, one thread): the first step
-            # compiles for 10 s to over a minute, needs a C++ toolchain, and compiles again
-            # whenever the set of parameters with gradients changes, which short CPU runs
-            # and test suites never win back. Pass fused=True to opt in.
-            fused = device.type == "cuda" and active[0]["foreach"] is not True
-            if fused:
-                from ._kernels.compiled import fused_available
 
-                fused = fused_available(device)
-        count_nonfinite = F.count_nonfinite_grads
-        if fused:
-            from ._kernels.compiled import count_nonfinite_grads as count_nonfinite
-        nonfinite = count_nonfinite(all_grads, solve_dtype, reduce_fn)
-        if self.nonfinite == "raise" and bool(nonfinite):  # syncs, by the user's choice
-            raise NonFiniteGradientError(
-                "a gradient holds NaN or inf; nothing was changed. Pass nonfinite='skip' to "
-                "skip such steps instead"
-            )
+        def group_tensor(key: str) -> Tensor:
+            values = [torch.as_tensor(g[key], dtype=solve_dtype) for g in active]
+            return torch.stack(values).to(device, non_blocking=True)
 
-        lrs = torch.stack([torch.as_tensor(g["lr"], dtype=solve_dtype) for g in active])
-        lrs = lrs.to(device, non_blocking=True)
-        etas = torch.stack([g[GROUP_ETA].to(device=device, dtype=solve_dtype) for g in active])
-        foreach = active[0]["foreach"]
-        if foreach is None:
-            foreach = device.type in ("cpu", "cuda")
+        if self.nonfinite == "raise":  # syncs, by the user's choice
+            checks = F.check_gradients(tensors, solve_dtype, impl=impl, reduce_fn=reduce_fn)
+            if bool((checks[:, 0] > 0).any()):
+                raise NonFiniteGradientError(
+                    "a gradient holds NaN or inf; nothing was changed. Pass nonfinite='skip' "
+                    "to skip such steps instead"
+                )
         result = F.arturo_step(
             tensors,
             [self._hyperparams(g) for g in active],
-            lrs=lrs,
-            etas=etas,
-            nonfinite_count=nonfinite,
-            newton_steps=max(g["newton_steps"] for g in active),
-            foreach=foreach,
+            lrs=group_tensor("lr"),
+            etas=group_tensor(GROUP_ETA),
+            grad_scales=group_tensor(GROUP_GRAD_SCALE),
+            newton_steps=self.newton_steps,
+            impl=impl,
             reduce_fn=reduce_fn,
-            fused=fused,
         )
-
-        skipped = result.skipped.to(torch.int64)
-        # With ε = 0 the dual's root is η = ∞, a warm start that would freeze every later step.
-        # torch.distributed.checkpoint creates state by stepping with lr=0, and warm-ups may
-        # start at 0, so such a step keeps the previous η.
-        new_etas = torch.where(lrs > 0, result.eta, etas)
-        for group, eta, kl in zip(active, new_etas.unbind(), result.kl.unbind(), strict=True):
-            group[GROUP_ETA] = eta.to(torch.float32)
-            group[GROUP_KL] = kl.to(torch.float32)
-            group[GROUP_SKIPPED] = group[GROUP_SKIPPED].to(device) + skipped
+        for i, group in enumerate(active):
+            group[GROUP_ETA] = result.eta[i].to(torch.float32)
+            group[GROUP_KL] = result.kl[i].to(torch.float32)
+            group[GROUP_GRAD_SCALE] = result.grad_scale[i].to(torch.float32)
+            group[GROUP_SKIPPED] = group[GROUP_SKIPPED].to(device) + result.skipped[i]
         return loss
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
     # ----------------------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like any optimizer, but keep fp32 state fp32 for bf16/fp16 params.
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict, plus the version of its layout (:data:`STATE_FORMAT`)."""
+        return {**super().state_dict(), STATE_FORMAT_KEY: STATE_FORMAT}
 
-        torch.optim casts floating-point state to each parameter's dtype on load, which would
-        round the filter's fp32 state of a bf16 parameter to bf16.
-        """
+    def _validate_loaded(self, state_dict: dict[str, Any]) -> None:
+        """Raise ValueError, naming what is wrong, unless ``state_dict`` (current format) is
+        an arTuRO state for exactly these parameters."""
+        if not isinstance(state_dict.get("state"), dict) or not isinstance(
+            state_dict.get("param_groups"), list
+        ):
+            raise ValueError("not an optimizer state dict: needs 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi} of the state has {len(saved['params'])} parameters, "
+                    f"this optimizer's {len(group['params'])}"
+                )
+            missing = [k for k in (*self.defaults, *GROUP_STATE_DTYPES) if k not in saved]
+            if missing:
+                raise ValueError(
+                    f"param group {gi} of the state lacks {missing}: not an arTuRO state"
+                )
+            try:
+                _validate_hyperparams({**saved, "params": group["params"]})
+            except ValueError as exc:
+                raise ValueError(f"param group {gi} of the state: {exc}") from None
+            for key in GROUP_STATE_DTYPES:
+                value = saved[key]
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise ValueError(f"param group {gi}: {key!r} must be a 1-element tensor")
+            for saved_id, p in zip(saved["params"], group["params"], strict=True):
+                entry = state_dict["state"].get(saved_id)
+                if not entry:
+                    continue  # a parameter that never had a gradient
+                where = f"state of parameter {saved_id} (group {gi}, shape {tuple(p.shape)})"
+                if sorted(entry) != sorted(PARAM_STATE_KEYS):
+                    raise ValueError(
+                        f"{where} has keys {sorted(entry)}, arTuRO's are "
+                        f"{sorted(PARAM_STATE_KEYS)}: not an arTuRO state"
+                    )
+                shape = tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape)
+                for key in PARAM_STATE_KEYS:
+                    value = entry[key]
+                    if not isinstance(value, Tensor) or not value.is_floating_point():
+                        raise ValueError(f"{where}: {key!r} must be a floating-point tensor")
+                    expected = () if key == STATE_STEP else shape
+                    if tuple(value.shape) != expected:
+                        raise ValueError(
+                            f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
+                            f"{expected}: the state belongs to other parameters"
+                        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like any optimizer, after checking that the state is arTuRO's, for these
+        parameters (ValueError otherwise, with the optimizer left unchanged), and upgrading
+        older formats. fp32 state of bf16/fp16 params stays fp32: torch.optim would cast it
+        to the parameter's dtype."""
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: needs 'state' and 'param_groups'")
+        state_dict = upgrade_state_dict(state_dict, self.defaults)
+        self._validate_loaded(state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params, strict=True):
             saved = state_dict["state"].get(saved_id)
-            if saved is None:
+            if not saved:
                 continue
             state = self.state[p]
             for key, value in saved.items():
-                if isinstance(value, Tensor):
-                    state[key] = value.to(device=p.device, copy=True)
+                dtype = torch.float32 if key == STATE_STEP else self._state_dtype(p)
+                if p.is_complex():
+                    dtype = self._state_dtype(torch.view_as_real(p))
+                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group in self.param_groups:
-            group.setdefault(GROUP_ETA, torch.zeros((), dtype=torch.float32))
-            group.setdefault(GROUP_KL, torch.zeros((), dtype=torch.float32))
-            group.setdefault(GROUP_SKIPPED, torch.zeros((), dtype=torch.int64))
-            for key in GROUP_STATE_KEYS:
-                group[key] = torch.as_tensor(group[key]).clone()
+            for key, dtype in GROUP_STATE_DTYPES.items():
+                group[key] = torch.as_tensor(group[key]).to(dtype).clone()
 
     # ----------------------------------------------------------------------------------------
     # Diagnostics
@@ -458,7 +611,8 @@ class Arturo(Optimizer):
 
     def stats(self) -> list[dict[str, float]]:
         """Per param group: ``eta``, ``kl`` (of the last step), ``kl_bound`` (ε) and
-        ``skipped_steps``, as Python numbers. Reads device values, so it may sync."""
+        ``skipped_steps``, as Python numbers. Reads device values, so it may sync; the same
+        values stay on the device as 0-dim tensors under those keys of each param group."""
         return [
             {
                 "eta": float(group[GROUP_ETA]),
