@@ -484,3 +484,122 @@ def test_zero_lr_step_creates_state_but_changes_nothing(impl):
     train(model_a, opt_a, 3)
     train(model_b, opt_b, 3)
     assert_same(list(model_a.parameters()), list(model_b.parameters()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_tensor_lr_step_creates_state_but_changes_nothing(impl):
+    # DCP's get_state_dict steps a fresh optimizer once with lr=torch.tensor(0.) and zero
+    # grads; before, a tensor lr ran the filter on that zero "first gradient".
+    model_a, model_b = make_model(), make_model()
+    opt_a = Arturo(model_a.parameters(), lr=torch.tensor(0.05), **impl)
+    opt_b = Arturo(model_b.parameters(), lr=torch.tensor(0.05), **impl)
+    for p in model_a.parameters():
+        p.grad = torch.zeros_like(p)
+    opt_a.param_groups[0]["lr"].fill_(0.0)
+    opt_a.step()
+    assert all(float(opt_a.state[p]["step"]) == 0 for p in model_a.parameters())
+    assert opt_a.stats()[0]["skipped_steps"] == 0
+    opt_a.param_groups[0]["lr"].fill_(0.05)
+    train(model_a, opt_a, 3)
+    train(model_b, opt_b, 3)
+    assert_same(list(model_a.parameters()), list(model_b.parameters()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_zero_lr_is_per_group_and_resets_the_reported_kl(impl, as_tensor):
+    model = make_model()
+    lr = torch.tensor(0.05) if as_tensor else 0.05
+    opt = Arturo(
+        [{"params": model[0].parameters(), "lr": lr}, {"params": model[2].parameters()}],
+        **impl,
+    )
+    train(model, opt, 2)
+    frozen = [p.detach().clone() for p in model[0].parameters()]
+    moving = [p.detach().clone() for p in model[2].parameters()]
+    opt.param_groups[0]["lr"] = torch.tensor(0.0) if as_tensor else 0.0
+    train(model, opt, 1, start=2)
+    assert_same(frozen, list(model[0].parameters()))
+    assert not torch.equal(moving[0], model[2].weight)
+    s0, s1 = opt.stats()
+    assert s0["kl"] == 0.0 <= s0["kl_bound"] and s1["kl"] > 0.0
+    assert s0["skipped_steps"] == s1["skipped_steps"] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch and optimizer-level options
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "foreach", "fused", "triton", "expected"),
+    [
+        ("cpu", None, None, True, "foreach"),
+        ("cpu", False, None, True, "single"),
+        ("cpu", True, None, True, "foreach"),
+        ("cpu", None, True, True, "fused"),
+        ("cpu", None, False, True, "foreach"),
+        ("cpu", False, False, True, "single"),
+        ("cuda", None, None, True, "fused"),
+        ("cuda", None, None, False, "foreach"),
+        ("cuda", False, None, True, "single"),  # before: the compiled path
+        ("cuda", True, None, True, "foreach"),
+        ("cuda", None, False, True, "foreach"),
+        ("meta", None, None, True, "single"),
+    ],
+)
+def test_dispatch_follows_the_flags_exactly(monkeypatch, device, foreach, fused, triton, expected):
+    from arturo._kernels import compiled
+
+    monkeypatch.setattr(
+        compiled, "fused_available", lambda d: d.type == "cpu" or (d.type == "cuda" and triton)
+    )
+    got = arturo_optimizer.choose_implementation(torch.device(device), foreach, fused)
+    assert got == expected
+
+
+def test_fused_without_a_compiler_for_the_device_is_a_clear_error(monkeypatch):
+    from arturo._kernels import compiled
+
+    monkeypatch.setattr(compiled, "fused_available", lambda d: False)
+    with pytest.raises(RuntimeError, match="fused=True needs"):
+        arturo_optimizer.choose_implementation(torch.device("cuda"), None, True)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("foreach", True), ("fused", True), ("newton_steps", 5)]
+)
+def test_a_group_that_disagrees_on_an_optimizer_option_is_refused(key, value):
+    model = make_model()
+    with pytest.raises(ValueError, match=f"Invalid {key}.*option of the whole optimizer"):
+        Arturo([{"params": model[0].parameters(), key: value}])
+    # Agreeing with the optimizer is fine (and the key does not linger in the group).
+    opt = Arturo([{"params": model[0].parameters(), key: value}], **{key: value})
+    assert key not in opt.param_groups[0]
+
+
+def test_add_param_group_leaves_the_callers_dict_alone():
+    model = make_model()
+    group = {"params": list(model[0].parameters()), "lr": 0.02}
+    snapshot_keys = dict(group)
+    opt = Arturo([group])
+    train(model, opt, 2)
+    assert group == snapshot_keys  # no defaults, no η written into it
+    # Reused for a second optimizer, it starts from scratch: η 0, not the first one's.
+    opt2 = Arturo([group])
+    assert float(opt2.param_groups[0]["eta"]) == 0.0
+    assert float(opt.param_groups[0]["eta"]) > 0.0
+
+
+def test_deepcopy_and_pickle_keep_the_optimizer_options():
+    import pickle
+
+    model = make_model()
+    opt = Arturo(model.parameters(), nonfinite="raise", foreach=False, newton_steps=4)
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert (clone.nonfinite, clone.foreach, clone.fused, clone.newton_steps) == (
+            "raise",
+            False,
+            None,
+            4,
+        )
