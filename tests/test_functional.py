@@ -1,4 +1,4 @@
-"""The math units: the Kalman filter and the dual solve (ALGORITHM.md)."""
+"""The math units: the Kalman filter and the dual solve (docs/algorithm.md)."""
 
 import math
 
