@@ -13,9 +13,13 @@ installed package needs no data files; ``arturo-bench show EXPERIMENT`` prints a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 __all__ = [
     "ArturoConfig",
@@ -30,6 +34,8 @@ __all__ = [
     "get_experiment",
     "apply_overrides",
     "scale_epochs",
+    "validate_experiment",
+    "with_defaults",
     "to_dict",
 ]
 
@@ -51,7 +57,20 @@ class ArturoConfig:
     precision_inertia: float = 1.3  # nu [nu]
     filter_init_cov: float = 5e-5  # p_0 [start_filter_cov]
     init_curvature: float = 0.1  # h_0; 0.1 in every published experiment
+    outlier_threshold: float = 100.0  # skip a step whose gradient scale jumps this much (inf: off)
+    newton_steps: int = 3  # Newton iterations of the dual solve per step (Arturo's default)
+    foreach: bool | None = None  # multi-tensor path; None: the optimizer's own choice
+    fused: bool | None = None  # compiled path; None: the optimizer's choice (CUDA yes, CPU no)
     gamma: float = 0.006  # MultiStepLR factor [multi_step_lr_gamma]; eta_tol is unused here
+
+    # Fields the harness uses itself; every other field is an ``Arturo`` keyword argument.
+    harness_fields: ClassVar[tuple[str, ...]] = ("gamma",)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """The ``Arturo(...)`` keyword arguments: every field but the harness's own, so that
+        a field added here reaches the optimizer without another line of code."""
+        fields = dataclasses.asdict(self)
+        return {k: v for k, v in fields.items() if k not in self.harness_fields}
 
 
 @dataclass(kw_only=True)
@@ -129,7 +148,7 @@ class ExperimentConfig:
     drop_last: bool = False  # keep the last partial batch, like the published DataLoader
     train_subset: int = 0  # >0: train on this many examples (fixed subset); quick mode
     test_subset: int = 0  # >0: evaluate on this many test examples (fixed subset)
-    stats_every: int = 10  # arturo: read opt.stats() every N steps (each read syncs the device)
+    stats_every: int = 10  # arturo: sample eta and kl every N steps (kept on the device)
     target_acc: float = 0.90  # "first epoch reaching" this test accuracy, for the summary
     optimizers: dict[str, Any] = field(default_factory=dict)  # name -> optimizer config
 
@@ -335,10 +354,27 @@ def scale_epochs(exp: ExperimentConfig, epochs: int) -> ExperimentConfig:
     return dataclasses.replace(exp, epochs=epochs, milestones=tuple(milestones))
 
 
+_NONE_WORDS = ("none", "null", "auto")
+
+
+def _optional_inner(annotation: Any) -> Any | None:
+    """``X`` for an ``X | None`` (or ``Optional[X]``) annotation, else None."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else None
+
+
 def _coerce(text: str, annotation: Any, key: str) -> Any:
-    """Parse a command-line string into the type a config field declares."""
+    """Parse a command-line string into the type a config field declares. For ``X | None``
+    fields, "none", "null" and "auto" mean None (the optimizer's own choice)."""
     origin = typing.get_origin(annotation)
+    inner = _optional_inner(annotation)
     try:
+        if inner is not None:
+            if text.strip().lower() in _NONE_WORDS:
+                return None
+            return _coerce(text, inner, key)
         if annotation is bool:
             lowered = text.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -394,10 +430,7 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentCo
             exp = dataclasses.replace(exp, optimizers=optimizers)
         else:
             exp = _set_field(exp, key, value, key)
-    if any(m < 1 for m in exp.milestones):
-        raise ValueError(
-            f"milestones must be >= 1 (a decay after that many epochs), got {list(exp.milestones)}"
-        )
+    validate_experiment(exp)
     return exp
 
 
@@ -410,6 +443,175 @@ def optimizer_config(exp: ExperimentConfig, name: str) -> Any:
     raise ValueError(
         f"unknown optimizer {name!r} for {exp.name}; choose from {sorted(exp.optimizers)} or ivon"
     )
+
+
+# ----------------------------------------------------------------------------- validation
+@dataclass(frozen=True)
+class _Rule:
+    """What a field's value must be, and how an error message says it."""
+
+    text: str
+    holds: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (NaN and ±inf are not: they train to NaN or freeze training)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> _Rule:
+    brackets = ("(" if lo_open else "[", ")" if hi_open else "]")
+    return _Rule(
+        f"a number in {brackets[0]}{lo:g}, {hi:g}{brackets[1]}",
+        lambda v: (
+            _is_real(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+        ),
+    )
+
+
+_INT_AT_LEAST_1 = _Rule("an integer >= 1", lambda v: _is_int(v) and v >= 1)
+_SUBSET_SIZE = _Rule("an integer >= 0 (0: all of it)", lambda v: _is_int(v) and v >= 0)
+_NON_NEGATIVE = _Rule("a finite number >= 0", lambda v: _is_real(v) and v >= 0)
+_POSITIVE = _Rule("a finite number > 0", lambda v: _is_real(v) and v > 0)
+_BOOL = _Rule("true or false", lambda v: isinstance(v, bool))
+_DECAY_FACTOR = _in_range(0, 1, lo_open=True)  # MultiStepLR gamma: <= 0 freezes training
+_BETA = _in_range(0, 1, hi_open=True)
+_NAME = _Rule(
+    "letters, digits, '_', '-' or '.', not starting with '.' (it names a directory)",
+    lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", v) is not None,
+)
+_MILESTONES = _Rule(
+    "integers >= 1 (a decay after that many epochs; torch's MultiStepLR treats 0 as "
+    '"before the first epoch")',
+    lambda v: isinstance(v, tuple) and all(_is_int(m) and m >= 1 for m in v),
+)
+
+
+def _experiment_rules() -> dict[str, _Rule]:
+    from .data import DATASETS  # imported here: configs stays free of torch until validation
+    from .models import MODELS
+
+    return {
+        "name": _NAME,
+        "dataset": _Rule(f"one of {sorted(DATASETS)}", lambda v: v in DATASETS),
+        "model": _Rule(f"one of {sorted(MODELS)}", lambda v: v in MODELS),
+        "epochs": _INT_AT_LEAST_1,
+        "milestones": _MILESTONES,
+        "batch_size": _INT_AT_LEAST_1,
+        "test_batch_size": _INT_AT_LEAST_1,
+        "drop_last": _BOOL,
+        "train_subset": _SUBSET_SIZE,
+        "test_subset": _SUBSET_SIZE,
+        "stats_every": _INT_AT_LEAST_1,
+        "target_acc": _in_range(0, 1),
+    }
+
+
+# Every field of every optimizer config has a rule here, except arturo's own hyperparameters:
+# the Arturo constructor checks those (see _check_arturo), so its rules live in one place.
+_OPTIMIZER_RULES: dict[type, dict[str, _Rule]] = {
+    ArturoConfig: {"gamma": _DECAY_FACTOR},
+    AdamConfig: {
+        "lr": _NON_NEGATIVE,
+        "beta1": _BETA,
+        "beta2": _BETA,
+        "weight_decay": _NON_NEGATIVE,
+        "apply_weight_decay": _BOOL,
+        "gamma": _DECAY_FACTOR,
+    },
+    AdamWConfig: {
+        "lr": _NON_NEGATIVE,
+        "beta1": _BETA,
+        "beta2": _BETA,
+        "weight_decay": _NON_NEGATIVE,
+        "gamma": _DECAY_FACTOR,
+    },
+    SGDConfig: {
+        "lr": _NON_NEGATIVE,
+        "momentum": _BETA,  # heavy-ball momentum >= 1 diverges
+        "weight_decay": _NON_NEGATIVE,
+        "gamma": _DECAY_FACTOR,
+    },
+    IVONConfig: {  # IVON's own bounds, made strict about NaN and inf
+        "lr": _NON_NEGATIVE,
+        "ess": _Rule("a finite number >= 0 (0: the training-set size)", _NON_NEGATIVE.holds),
+        "hess_init": _POSITIVE,
+        "beta1": _in_range(0, 1),
+        "beta2": _in_range(0, 1),
+        "weight_decay": _NON_NEGATIVE,
+        "mc_samples": _INT_AT_LEAST_1,
+        "clip_radius": _Rule(
+            "a number > 0 (inf: no clipping)", lambda v: v == math.inf or _is_real(v) and v > 0
+        ),
+        "gamma": _DECAY_FACTOR,
+    },
+}
+
+
+def _check_fields(obj: Any, rules: dict[str, _Rule], prefix: str) -> None:
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if not rule.holds(value):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"{prefix}{name} must be {rule.text}, got {shown!r}")
+
+
+def _check_arturo(cfg: ArturoConfig) -> None:
+    """The Arturo constructor validates its own arguments (ValueError naming the argument):
+    building one on a dummy parameter applies exactly the optimizer's rules."""
+    import torch
+
+    from arturo import Arturo
+
+    try:
+        Arturo([torch.zeros(1, requires_grad=True)], **cfg.optimizer_kwargs())
+    except ValueError as exc:
+        raise ValueError(f"arturo: {exc}") from None
+
+
+def validate_experiment(exp: ExperimentConfig) -> None:
+    """Raise ValueError, naming the field and its rule, unless every value of ``exp`` and of
+    its optimizers is usable: a bad value must stop a run before it starts, not after an
+    epoch, and never train to NaN with a zero exit status."""
+    _check_fields(exp, _experiment_rules(), "")
+    for name, cfg in exp.optimizers.items():
+        validate_optimizer(name, cfg)
+
+
+def validate_optimizer(name: str, cfg: Any) -> None:
+    """Raise ValueError unless ``cfg`` is a valid config of the optimizer ``name``."""
+    expected = OPTIMIZERS.get(name)
+    if expected is None:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    if type(cfg) is not expected:
+        raise ValueError(f"optimizer {name!r} needs a {expected.__name__}, got {cfg!r}")
+    _check_fields(cfg, _OPTIMIZER_RULES[expected], f"{name}.")
+    if isinstance(cfg, ArturoConfig):
+        _check_arturo(cfg)
+
+
+def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run config saved by an older harness (config.json, a checkpoint), completed with the
+    fields added since, at their defaults. The rule that makes this right: a field added to a
+    config must default to what the harness did before it existed, so that old runs resume,
+    and are grouped in reports, as before."""
+    completed = _fill_defaults(saved, ExperimentConfig)
+    optimizer = OPTIMIZERS.get(saved.get("optimizer", ""))
+    if optimizer is not None and isinstance(saved.get("optimizer_config"), dict):
+        completed["optimizer_config"] = _fill_defaults(saved["optimizer_config"], optimizer)
+    return completed
+
+
+def _fill_defaults(saved: dict[str, Any], cls: type) -> dict[str, Any]:
+    filled = dict(saved)
+    for f in dataclasses.fields(cls):
+        if f.name not in filled and f.default is not dataclasses.MISSING:
+            filled[f.name] = list(f.default) if isinstance(f.default, tuple) else f.default
+    return filled
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

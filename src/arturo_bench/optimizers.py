@@ -27,19 +27,8 @@ def build_optimizer(cfg: Any, params: Iterable[Tensor], *, num_train: int) -> to
             raise OptionalDependencyError(
                 "arturo is not importable; install this repo: pip install -e ."
             ) from exc
-        return Arturo(
-            params,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            reg_weight=cfg.reg_weight,
-            prior_precision=cfg.prior_precision,
-            init_variance=cfg.init_variance,
-            precision_inertia=cfg.precision_inertia,
-            filter_init_cov=cfg.filter_init_cov,
-            filter_process_noise=cfg.filter_process_noise,
-            filter_measurement_noise=cfg.filter_measurement_noise,
-            init_curvature=cfg.init_curvature,
-        )
+        # Every config field but the harness's own (gamma): a new field cannot be forgotten.
+        return Arturo(params, **cfg.optimizer_kwargs())
     if isinstance(cfg, AdamConfig):
         wd = cfg.weight_decay if cfg.apply_weight_decay else 0.0
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=wd)
