@@ -14,19 +14,27 @@ Where data is looked for, first match wins:
 
 In each directory the files may also sit in the usual sub-folder (``fashion-mnist/``,
 ``FashionMNIST/raw/``, ``cifar-10-batches-py/``, ``cifar-100-python/``).
+
+Every file is checked as it is read (gzip stream, IDX header and size, image shape, label
+range, image and label counts); a damaged file raises :class:`DataFormatError` naming it. CIFAR
+pickles are read with an unpickler that admits numpy arrays and plain containers only, so a
+planted pickle cannot run code.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import os
 import pickle
 import struct
 import urllib.request
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +42,7 @@ from torch import Tensor
 
 __all__ = [
     "DataNotFoundError",
+    "DataFormatError",
     "Dataset",
     "read_idx",
     "load_dataset",
@@ -98,6 +107,29 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset is not where we looked; the message says where we looked and how to get it."""
 
 
+class DataFormatError(ValueError):
+    """A data file is damaged, or not what its name promises; the message names the file."""
+
+
+def _damaged(path: Path, problem: str) -> DataFormatError:
+    return DataFormatError(
+        f"{path}: {problem}. The file is damaged or not the dataset's: delete it and get it "
+        "again (`arturo-bench data info` says where the data is looked for)"
+    )
+
+
+def _check_labels(path: Path, labels: np.ndarray, classes: int) -> None:
+    """Labels outside [0, classes) would pass loading and crash (or mislead) training."""
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    if outside.size:
+        i = int(outside[0])
+        raise _damaged(
+            path,
+            f"label {labels[i]} at index {i} is outside 0..{classes - 1} "
+            f"({outside.size} such labels)",
+        )
+
+
 @dataclass
 class Dataset:
     """A whole dataset as uint8 image tensors (N, C, H, W) and int64 labels, on one device.
@@ -154,23 +186,32 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read one IDX file (``.gz`` is decompressed on the fly)."""
-    path = Path(path)
-    if path.suffix == ".gz":
+def _read_maybe_gzip(path: Path) -> bytes:
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    try:
         with gzip.open(path, "rb") as f:
-            raw = f.read()
-    else:
-        raw = path.read_bytes()
+            return f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # not gzip, truncated, corrupt
+        raise _damaged(path, f"not a complete gzip file ({exc})") from None
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one IDX file (``.gz`` is decompressed on the fly), checking its header and size."""
+    path = Path(path)
+    raw = _read_maybe_gzip(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic number {raw[:4]!r})")
+        raise _damaged(path, f"not an IDX file (bad magic number {raw[:4]!r})")
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(raw) < header:
+        raise _damaged(path, f"IDX header cut short ({ndim} dimensions, {len(raw)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
-    body = raw[4 + 4 * ndim :]
+    body = raw[header:]
     if len(body) != expected:
-        raise ValueError(f"{path}: IDX header says {dims} ({expected} bytes), found {len(body)}")
+        raise _damaged(path, f"IDX header says {dims} ({expected} bytes), found {len(body)}")
     return np.frombuffer(body, dtype=dtype).reshape(dims)
 
 
@@ -215,9 +256,9 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
     d, files = _find_fmnist_dir(data_dir)
     arrays = {key: read_idx(path) for key, path in files.items()}
     for split in ("train", "test"):
-        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
-        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise ValueError(f"{d}: {split} images {x.shape} do not match labels {y.shape}")
+        _check_fmnist_split(
+            files[f"{split}_x"], arrays[f"{split}_x"], files[f"{split}_y"], arrays[f"{split}_y"]
+        )
     return Dataset(
         name="fmnist",
         train_x=torch.from_numpy(arrays["train_x"].copy()).unsqueeze(1),
@@ -227,6 +268,16 @@ def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Datase
         num_classes=10,
         source=str(d),
     )
+
+
+def _check_fmnist_split(x_path: Path, x: np.ndarray, y_path: Path, y: np.ndarray) -> None:
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise _damaged(x_path, f"expected uint8 images of 28x28, found {x.dtype} {x.shape}")
+    if y.dtype != np.uint8 or y.ndim != 1:
+        raise _damaged(y_path, f"expected a list of uint8 labels, found {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise _damaged(y_path, f"{len(y)} labels for the {len(x)} images of {x_path.name}")
+    _check_labels(y_path, y, 10)
 
 
 # ----------------------------------------------------------------------------- CIFAR
@@ -243,11 +294,86 @@ _CIFAR_LAYOUT = {
 }
 
 
+def _numpy_reconstruct() -> Callable[..., np.ndarray]:
+    try:  # numpy >= 2 moved it; the official batches name the old place
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """How Python 3 writes bytes in a protocol-2 pickle (a batch re-saved with Python 3)."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"unexpected encoding {encoding!r}")
+    return codecs.encode(text, encoding)
+
+
+# The only globals an official CIFAR batch (a Python 2 pickle of numpy arrays, lists, dicts,
+# strings and ints) asks for; containers and scalars need no lookup at all.
+_CIFAR_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _UnsafePickleError(pickle.UnpicklingError):
+    """The pickle asks for something a CIFAR batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only ``_CIFAR_GLOBALS``. Plain ``pickle.load`` would call whatever a planted file
+    names (``os.system``, say); here any other global is refused before it can be called."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _UnsafePickleError(f"{module}.{name}")
+        return allowed()
+
+
 def _unpickle(path: Path) -> dict[str, object]:
-    with open(path, "rb") as f:
-        # The official batches are Python 2 pickles with bytes keys.
-        raw = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            # The official batches are Python 2 pickles with bytes keys.
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except _UnsafePickleError as exc:
+        raise DataFormatError(
+            f"{path}: refusing to load it: the pickle asks for {exc}, which a CIFAR batch never "
+            "holds (only numpy arrays, lists and dicts). The file may be malicious: do not "
+            "load it with pickle elsewhere either; delete it and download CIFAR again"
+        ) from None
+    except Exception as exc:  # any other failure to parse it means the same: unusable
+        raise _damaged(path, f"not a readable pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(raw, dict):
+        raise _damaged(path, f"holds a {type(raw).__name__}, not a CIFAR batch (a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
+
+def _read_cifar_batch(path: Path, label_key: str, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of one batch file, checked."""
+    batch = _unpickle(path)
+    if "data" not in batch or label_key not in batch:
+        raise _damaged(path, f"a CIFAR batch needs 'data' and {label_key!r}, found {sorted(batch)}")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise _damaged(path, "'data' is not a 2-d uint8 array")
+    if data.shape[1] != 3 * 32 * 32:
+        raise _damaged(path, f"'data' rows hold {data.shape[1]} bytes, not 3072 (3x32x32)")
+    try:
+        labels = np.asarray(batch[label_key])
+    except ValueError:
+        labels = np.asarray([])
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise _damaged(path, f"{label_key!r} is not a list of integers")
+    if len(labels) != len(data):
+        raise _damaged(path, f"{len(labels)} labels for {len(data)} images")
+    _check_labels(path, labels, classes)
+    # Rows are the R, G, B planes of 32x32 images.
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def load_cifar(name: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
@@ -273,12 +399,8 @@ def _read_cifar(
     name: str, d: Path, train_files: list[str], test_file: str, label_key: str, classes: int
 ) -> Dataset:
     def read(files: list[str]) -> tuple[Tensor, Tensor]:
-        xs, ys = [], []
-        for f in files:
-            batch = _unpickle(d / f)
-            data = np.asarray(batch["data"], dtype=np.uint8)
-            xs.append(data.reshape(-1, 3, 32, 32))  # rows are R, G, B planes of 32x32
-            ys.append(np.asarray(batch[label_key], dtype=np.int64))
+        batches = [_read_cifar_batch(d / f, label_key, classes) for f in files]
+        xs, ys = zip(*batches, strict=True)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
     train_x, train_y = read(train_files)
