@@ -603,3 +603,4 @@ def test_deepcopy_and_pickle_keep_the_optimizer_options():
             None,
             4,
         )
+        clone.load_state_dict(opt.state_dict())  # an unpickled optimizer reads fresh states

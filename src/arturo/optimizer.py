@@ -47,6 +47,21 @@ GROUP_STATE_DTYPES = {
     GROUP_GRAD_SCALE: torch.float32,
 }
 
+# Each param group's hyperparameters (the keys of ``Arturo.defaults``).
+HYPERPARAMETERS = (
+    "lr",
+    "weight_decay",
+    "reg_weight",
+    "prior_precision",
+    "init_variance",
+    "precision_inertia",
+    "filter_init_cov",
+    "filter_process_noise",
+    "filter_measurement_noise",
+    "init_curvature",
+    "outlier_threshold",
+)
+
 # Options of the whole optimizer, not of a param group: one implementation runs all groups,
 # and one dual solve with a fixed iteration count serves them all at once.
 OPTIMIZER_OPTIONS = ("foreach", "fused", "newton_steps", "nonfinite")
@@ -317,19 +332,8 @@ class Arturo(Optimizer):
         self.newton_steps = newton_steps
         self.foreach = foreach
         self.fused = fused
-        defaults = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            reg_weight=reg_weight,
-            prior_precision=prior_precision,
-            init_variance=init_variance,
-            precision_inertia=precision_inertia,
-            filter_init_cov=filter_init_cov,
-            filter_process_noise=filter_process_noise,
-            filter_measurement_noise=filter_measurement_noise,
-            init_curvature=init_curvature,
-            outlier_threshold=outlier_threshold,
-        )
+        arguments = locals()  # the defaults are exactly the hyperparameter arguments
+        defaults = {name: arguments[name] for name in HYPERPARAMETERS}
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
@@ -544,7 +548,7 @@ class Arturo(Optimizer):
                     f"param group {gi} of the state has {len(saved['params'])} parameters, "
                     f"this optimizer's {len(group['params'])}"
                 )
-            missing = [k for k in (*self.defaults, *GROUP_STATE_DTYPES) if k not in saved]
+            missing = [k for k in (*HYPERPARAMETERS, *GROUP_STATE_DTYPES) if k not in saved]
             if missing:
                 raise ValueError(
                     f"param group {gi} of the state lacks {missing}: not an arTuRO state"
