@@ -12,7 +12,7 @@ from . import configs
 from .configs import QUICK, apply_overrides, get_experiment, scale_epochs
 from .data import DataNotFoundError, fetch_fashion_mnist, load_dataset
 from .optimizers import OptionalDependencyError
-from .runs import ConfigMismatchError, run_dir
+from .runs import RunDirError, run_dir
 
 __all__ = ["main", "build_parser"]
 
@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (epoch lines only)"
+    )
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="start these runs over: delete the files of any earlier run in their directories "
+        "(config, metrics, checkpoint) instead of resuming it",
+    )
+    run.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="train on when an epoch applied a step with a NaN or inf training loss (default: "
+        "stop that run, keep its last good epoch, exit with status 3)",
     )
     add_config_flags(run)
 
@@ -171,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .distributed import FollowerRunStore, init_from_env
     from .report import load_groups, markdown_table, summarize
     from .runs import RunStore
-    from .train import resolve_device, train_run
+    from .train import NonFiniteLossError, resolve_device, train_run
 
     dist_env = init_from_env(args.device)  # torchrun: DDP over WORLD_SIZE ranks
     if not dist_env.is_main:
@@ -206,21 +218,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
 
     progress = not args.no_progress and sys.stderr.isatty() and dist_env.is_main
-    dirs = []
+    dirs, diverged = [], []
     for seed in args.seeds:
         for opt in optimizers:
             path = run_dir(args.out, label, opt, seed)
             dirs.append(path)
             store = RunStore(path) if dist_env.is_main else FollowerRunStore(path)
-            train_run(
-                exp, opt, seed, data, store, quick=args.quick, progress=progress, dist_env=dist_env
-            )
+            try:
+                train_run(
+                    exp,
+                    opt,
+                    seed,
+                    data,
+                    store,
+                    quick=args.quick,
+                    progress=progress,
+                    dist_env=dist_env,
+                    restart=args.restart,
+                    allow_nonfinite=args.allow_nonfinite,
+                )
+            except NonFiniteLossError as exc:  # one diverged run need not stop the others
+                print(f"arturo-bench: error: {exc}", file=sys.stderr)
+                diverged.append(f"{opt} seed{seed}")
     if not dist_env.is_main:
-        return 0
+        return 3 if diverged else 0
 
     print(f"\nruns in {Path(args.out) / label}\n")
-    print(markdown_table(summarize(load_groups(dirs), exp.target_acc), exp.target_acc))
+    groups = load_groups([d for d in dirs if d.exists()])
+    if groups:
+        print(markdown_table(summarize(groups, exp.target_acc), exp.target_acc))
     print(f"plots: arturo-bench report {Path(args.out) / label} --out report/")
+    if diverged:
+        print(
+            f"arturo-bench: error: stopped on a non-finite training loss: {', '.join(diverged)} "
+            "(see above)",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -264,11 +298,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _cmd_report(args)
         return _cmd_data(args)
-    except (DataNotFoundError, OptionalDependencyError, ConfigMismatchError, ValueError) as exc:
+    except (DataNotFoundError, OptionalDependencyError, RunDirError, ValueError) as exc:
         print(f"arturo-bench: error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
-        print(f"arturo-bench: error: {exc}", file=sys.stderr)
+    except OSError as exc:  # e.g. an output directory that cannot be created or written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"arturo-bench: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

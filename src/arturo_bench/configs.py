@@ -5,9 +5,12 @@ Every value can be overridden from the command line with ``--set KEY=VALUE``:
 - ``--set epochs=40`` or ``--set milestones=20,30`` change the experiment;
 - ``--set arturo.lr=0.05`` or ``--set sgd.momentum=0.9`` change one optimizer.
 
-The published values are transcribed at full precision from the paper's code (see
-``shared/published_hparams.yaml`` in the project's steering repo). The code holds them, so an
-installed package needs no data files; ``arturo-bench show EXPERIMENT`` prints any of them.
+The published values are transcribed at full precision from the paper's code (docs/published.md
+lists them, rounded). The code holds them, so an installed package needs no data files;
+``arturo-bench show EXPERIMENT`` prints any of them.
+
+Every value is validated when a config is resolved (:func:`validate_experiment`): a bad value
+stops a run before it starts, with the field and its rule in the message.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ of this is a no-op.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +103,13 @@ def init_from_env(device: str) -> DistEnv:
 class FollowerRunStore(RunStore):
     """A run directory as ranks other than 0 see it: they resume from its checkpoint, but
     only rank 0 writes."""
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        yield  # rank 0 holds the run directory's lock for the whole job
+
+    def clear(self) -> None:
+        pass
 
     def init(self, config: dict[str, Any], env: dict[str, Any]) -> None:
         pass

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runs import find_runs
+from .configs import with_defaults
+from .runs import MetricsError, find_runs
 
 __all__ = [
     "Group",
@@ -43,7 +44,12 @@ def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
     config are aggregated; runs whose configs differ are never averaged together."""
     groups: dict[tuple[str, str, str], Group] = {}
     for store in find_runs(paths):
-        cfg = store.config()
+        # An older harness's config lacks the fields added since: at their defaults, its runs
+        # group with new runs of the same settings.
+        cfg = with_defaults(store.config())
+        missing = [k for k in ("name", "optimizer", "seed", "epochs") if k not in cfg]
+        if missing:
+            raise MetricsError(f"{store.config_path} lacks {missing}: not a run's config")
         history = store.metrics()
         if not history:
             continue

@@ -10,10 +10,17 @@ Fairness and reproducibility:
   needs no saved RNG state to continue exactly.
 - Whole datasets sit on the training device as uint8; each batch is an index slice there,
   converted and augmented on the device (no per-item DataLoader).
+- Nothing in the timed loop reads a device value: the sums (loss, accuracy, arturo's
+  diagnostics) stay on the device and are read once the epoch's time is taken.
+
+A run stops (:class:`NonFiniteLossError`) when an epoch applied a step whose training loss was
+NaN or inf, unless ``allow_nonfinite``: its weights are no longer trustworthy. A step that
+arturo skipped (non-finite gradients) is counted, not fatal.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,14 +29,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .configs import ExperimentConfig, IVONConfig, optimizer_config, to_dict
+from .configs import (
+    ExperimentConfig,
+    IVONConfig,
+    optimizer_config,
+    to_dict,
+    validate_experiment,
+)
 from .data import CIFAR_STATS, Dataset, prepare_batch
 from .distributed import SINGLE_PROCESS, DistEnv
 from .models import build_model
 from .optimizers import build_optimizer
+from .resume import restore
 from .runs import RunStore, environment
 
-__all__ = ["train_run", "run_config", "resolve_device"]
+__all__ = ["train_run", "run_config", "resolve_device", "NonFiniteLossError"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """An epoch applied a step whose training loss was NaN or inf; nothing of it was saved."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +137,58 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, unit="step")
 
 
+class _ArturoDiagnostics:
+    """arturo's eta and kl, sampled every ``stats_every`` steps and summed on the device.
+
+    An Arturo param group holds its eta, kl (of the last step) and skipped_steps (cumulative)
+    as 0-dim device tensors. Reading them in the loop would sync the device, a cost the other
+    optimizers do not pay; the sums are read once, after the epoch's time is taken."""
+
+    KEYS = ("eta", "kl", "skipped_steps")
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, device: torch.device) -> Any:
+        """Diagnostics for an optimizer whose groups hold these keys (arturo), else None."""
+        groups = optimizer.param_groups
+        return cls(groups, device) if all(k in g for g in groups for k in cls.KEYS) else None
+
+    def __init__(self, groups: list[dict[str, Any]], device: torch.device) -> None:
+        self.groups = groups
+        self.device = device
+        # float64, as the host-side sums this replaces: the metrics keep their values.
+        self.eta_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = 0
+        self.skipped_before = self._skipped()
+
+    def _mean_over_groups(self, key: str) -> Tensor:
+        values = [torch.as_tensor(g[key]).to(self.device, torch.float64) for g in self.groups]
+        return torch.stack(values).mean()
+
+    def _skipped(self) -> Tensor:
+        return torch.stack(
+            [torch.as_tensor(g["skipped_steps"]).to(self.device) for g in self.groups]
+        ).sum()
+
+    def sample(self) -> None:
+        self.eta_sum += self._mean_over_groups("eta")
+        self.kl_sum += self._mean_over_groups("kl")
+        self.samples += 1
+
+    def skipped_this_epoch(self) -> Tensor:
+        return self._skipped() - self.skipped_before
+
+    def read(self) -> dict[str, float]:
+        """The epoch's metrics: mean eta and kl over the samples, the KL bound, and the steps
+        skipped so far (cumulative over the run)."""
+        return {
+            "eta": (self.eta_sum / self.samples).item(),
+            "kl": (self.kl_sum / self.samples).item(),
+            "kl_bound": float(self.groups[0]["lr"]),
+            "skipped_steps": int(self._skipped()),
+        }
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -131,9 +201,14 @@ def train_epoch(
     desc: str,
     progress: bool,
     dist_env: DistEnv = SINGLE_PROCESS,
-) -> dict[str, float]:
-    """One pass over the training set; returns loss, accuracy and timings. Under DDP each
-    rank trains on its slice of every batch, and the loss and accuracy are over all ranks."""
+) -> tuple[dict[str, float], int]:
+    """One pass over the training set: the metrics row (loss, accuracy, timings) and the
+    number of batches whose loss was NaN or inf yet whose step was applied (arturo skips a
+    step with non-finite gradients; the others apply it). Under DDP each rank trains on its
+    slice of every batch, and the sums are over all ranks.
+
+    ``train_loss`` is the mean over the batches with a finite loss; ``nonfinite_batches``
+    counts the others."""
     model.train()
     device = data.train_x.device
     n = len(data.train_y)
@@ -153,11 +228,11 @@ def train_epoch(
     # Running sums stay on the device; reading them syncs, so that happens only for the bar.
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    nonfinite_batches = torch.zeros((), device=device, dtype=torch.long)
+    nonfinite_examples = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     timer = _StepTimer(device)
-    has_stats = callable(getattr(optimizer, "stats", None))
-    etas: list[float] = []
-    kls: list[float] = []
+    diagnostics = _ArturoDiagnostics.of(optimizer, device)
     bar = _progress(num_batches, desc, progress)
 
     t0 = time.perf_counter()
@@ -176,43 +251,47 @@ def train_epoch(
         with timer:
             optimizer.step()
 
-        loss_sum += loss.detach() * len(y)
+        batch_loss = loss.detach() * len(y)
+        nonfinite = ~batch_loss.isfinite()
+        loss_sum += batch_loss.where(~nonfinite, 0.0)  # one NaN batch must not hide the rest
+        nonfinite_batches += nonfinite
+        nonfinite_examples += nonfinite * len(y)
         correct += (logits.detach().argmax(1) == y).sum()
         seen += len(y)
         last = i == num_batches - 1
-        # opt.stats() reads device values (a sync): sample it every stats_every steps.
-        if has_stats and ((i + 1) % exp.stats_every == 0 or last):
-            groups = optimizer.stats()  # type: ignore[attr-defined]
-            etas.append(sum(g["eta"] for g in groups) / len(groups))
-            kls.append(sum(g["kl"] for g in groups) / len(groups))
+        if diagnostics is not None and ((i + 1) % exp.stats_every == 0 or last):
+            diagnostics.sample()
         if bar is not None:
             bar.update(1)
             if i % 10 == 0 or last:
+                finite_seen = max(seen - nonfinite_examples.item(), 1)
                 bar.set_postfix(
-                    loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}"
+                    loss=f"{loss_sum.item() / finite_seen:.4f}",
+                    acc=f"{correct.item() / seen:.2%}",
                 )
+    # Non-finite losses beyond the steps the optimizer skipped were applied to the weights.
+    skipped = diagnostics.skipped_this_epoch() if diagnostics is not None else 0
+    applied_nonfinite = (nonfinite_batches - skipped).clamp(min=0)
     # Syncs, so the wall time below includes all work; under DDP, sums over the ranks.
-    loss_total, correct_total, seen = dist_env.sum(loss_sum, correct, seen)
-    train_loss = loss_total / seen
-    train_acc = correct_total / seen
+    loss_total, correct_total, seen, bad_batches, bad_examples, applied = dist_env.sum(
+        loss_sum, correct, seen, nonfinite_batches, nonfinite_examples, applied_nonfinite
+    )
     train_time = time.perf_counter() - t0
     if bar is not None:
         bar.close()
 
+    finite_seen = seen - bad_examples
     row = {
-        "train_loss": train_loss,
-        "train_acc": train_acc,
+        "train_loss": loss_total / finite_seen if finite_seen else math.nan,
+        "train_acc": correct_total / seen,
         "train_time_s": train_time,
         "step_time_s": timer.total(),
         "steps": num_batches,
+        "nonfinite_batches": int(bad_batches),
     }
-    if has_stats:
-        groups = optimizer.stats()  # type: ignore[attr-defined]
-        row["eta"] = sum(etas) / len(etas)
-        row["kl"] = sum(kls) / len(kls)
-        row["kl_bound"] = groups[0]["kl_bound"]
-        row["skipped_steps"] = sum(int(g.get("skipped_steps", 0)) for g in groups)
-    return row
+    if diagnostics is not None:
+        row |= diagnostics.read()
+    return row, int(applied)
 
 
 @torch.no_grad()
@@ -248,77 +327,124 @@ def train_run(
     progress: bool = False,
     log: Callable[[str], None] = print,
     dist_env: DistEnv = SINGLE_PROCESS,
+    restart: bool = False,
+    allow_nonfinite: bool = False,
 ) -> list[dict[str, Any]]:
     """Train (or resume) one run; returns its per-epoch history. ``data`` is already on the
-    training device. Each finished epoch is checkpointed, so an interrupt loses at most one."""
+    training device. Each finished epoch is checkpointed, so an interrupt loses at most one.
+
+    The run directory is locked while training. Everything in it is checked before anything
+    is written (see ``arturo_bench.resume``); ``restart`` deletes its files and starts over.
+    ``allow_nonfinite`` trains on through epochs with non-finite losses instead of stopping."""
+    validate_experiment(exp)  # the command line did; a library caller may not have
+    _check_has_batches(exp, len(data.train_y))
     device = data.train_x.device
     opt_cfg = optimizer_config(exp, optimizer_name)
-    started = environment(device) | {"world_size": dist_env.world_size}
-    store.init(run_config(exp, optimizer_name, seed, quick=quick), started)
+    config = run_config(exp, optimizer_name, seed, quick=quick)
 
-    # Same initial weights for every optimizer: built on the CPU from the seed alone.
-    torch.manual_seed(seed)
-    model = build_model(exp.model, num_classes=data.num_classes, in_channels=data.in_channels)
-    model.to(device)
-    optimizer = build_optimizer(opt_cfg, model.parameters(), num_train=len(data.train_y))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(exp.milestones), gamma=opt_cfg.gamma
-    )
-    mc_samples = opt_cfg.mc_samples if isinstance(opt_cfg, IVONConfig) else 0
-    net = dist_env.wrap(model)  # DDP when several ranks: it averages the gradients
-
-    history: list[dict[str, Any]] = []
-    checkpoint = store.load_checkpoint()
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        history = checkpoint["history"]
-        if "ivon_current_step" in checkpoint:  # IVON keeps its step count outside state_dict
-            optimizer.current_step = checkpoint["ivon_current_step"]  # type: ignore[attr-defined]
-        store.write_metrics(history)  # in case the last write was interrupted
-        if len(history) < exp.epochs:
-            log(f"resuming {store.path} after epoch {len(history)}")
-    wall = history[-1]["wall_time_s"] if history else 0.0
-
-    tag = f"{exp.name} {optimizer_name} seed{seed}"
-    for epoch in range(len(history) + 1, exp.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr}
-        row |= train_epoch(
-            net,
-            optimizer,
-            data,
-            exp,
-            seed=seed,
-            epoch=epoch,
-            mc_samples=mc_samples,
-            desc=f"{tag} {epoch}/{exp.epochs}",
-            progress=progress,
-            dist_env=dist_env,
+    with store.lock():
+        if restart:
+            store.clear()
+        # Same initial weights for every optimizer: built on the CPU from the seed alone.
+        torch.manual_seed(seed)
+        model = build_model(exp.model, num_classes=data.num_classes, in_channels=data.in_channels)
+        model.to(device)
+        optimizer = build_optimizer(opt_cfg, model.parameters(), num_train=len(data.train_y))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(exp.milestones), gamma=opt_cfg.gamma
         )
-        row |= evaluate(model, data, exp.test_batch_size)
-        scheduler.step()
-        wall += row["train_time_s"]
-        row["wall_time_s"] = wall  # cumulative training time, evaluation excluded
-        history.append(row)
+        # After --restart nobody resumes: other ranks must not read what rank 0 deletes.
+        history = [] if restart else restore(store, config, model, optimizer, scheduler)
+        store.init(config, environment(device) | {"world_size": dist_env.world_size})
+        if history:
+            store.write_metrics(history)  # in case the last write was interrupted
+            if len(history) < exp.epochs:
+                log(f"resuming {store.path} after epoch {len(history)}")
+        mc_samples = opt_cfg.mc_samples if isinstance(opt_cfg, IVONConfig) else 0
+        net = dist_env.wrap(model)  # DDP when several ranks: it averages the gradients
+        wall = history[-1]["wall_time_s"] if history else 0.0
 
-        checkpoint = {
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "history": history,
-        }
-        if hasattr(optimizer, "current_step"):
-            checkpoint["ivon_current_step"] = optimizer.current_step
-        store.save_checkpoint(checkpoint)
-        store.write_metrics(history)
-        extra = f" eta {row['eta']:.3g} kl {row['kl']:.3g}" if "eta" in row else ""
-        log(
-            f"{tag} epoch {epoch}/{exp.epochs}: train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
-            f"acc {row['test_acc']:.2%} | {row['train_time_s']:.1f}s "
-            f"(step {row['step_time_s']:.2f}s){extra}"
-        )
+        tag = f"{exp.name} {optimizer_name} seed{seed}"
+        for epoch in range(len(history) + 1, exp.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            row: dict[str, Any] = {"epoch": epoch, "lr": lr}
+            trained, applied_nonfinite = train_epoch(
+                net,
+                optimizer,
+                data,
+                exp,
+                seed=seed,
+                epoch=epoch,
+                mc_samples=mc_samples,
+                desc=f"{tag} {epoch}/{exp.epochs}",
+                progress=progress,
+                dist_env=dist_env,
+            )
+            row |= trained
+            problem = _nonfinite_problem(row, applied_nonfinite)
+            if problem and not allow_nonfinite:
+                raise NonFiniteLossError(
+                    f"{tag}, epoch {epoch}: {problem}, so the weights can no longer be trusted. "
+                    f"The run stopped before saving epoch {epoch} ({store.path} keeps "
+                    f"{epoch - 1} finished epochs). Lower the learning rate (--set "
+                    f"{optimizer_name}.lr=...), or re-run with --allow-nonfinite to train on."
+                )
+            row |= evaluate(model, data, exp.test_batch_size)
+            scheduler.step()
+            wall += row["train_time_s"]
+            row["wall_time_s"] = wall  # cumulative training time, evaluation excluded
+            previous = history[-1] if history else {}
+            history.append(row)
+
+            checkpoint = {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history,
+                "config": config,  # so that a checkpoint copied from another run is refused
+            }
+            if hasattr(optimizer, "current_step"):
+                checkpoint["ivon_current_step"] = optimizer.current_step
+            store.save_checkpoint(checkpoint)
+            store.write_metrics(history)
+            log(
+                f"{tag} epoch {epoch}/{exp.epochs}: train loss {row['train_loss']:.4f} "
+                f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
+                f"acc {row['test_acc']:.2%} | {row['train_time_s']:.1f}s "
+                f"(step {row['step_time_s']:.2f}s){_epoch_notes(row, previous)}"
+            )
+            if problem:
+                log(f"warning: {tag} epoch {epoch}: {problem} (--allow-nonfinite: training on)")
     return history
+
+
+def _check_has_batches(exp: ExperimentConfig, num_train: int) -> None:
+    if exp.drop_last and exp.batch_size > num_train:
+        raise ValueError(
+            f"batch_size {exp.batch_size} with drop_last leaves no batch of the {num_train} "
+            "training examples"
+        )
+
+
+def _nonfinite_problem(row: dict[str, Any], applied_nonfinite: int) -> str | None:
+    """Why the epoch's weights are not trustworthy, or None if they are."""
+    if applied_nonfinite:
+        return (
+            f"{applied_nonfinite} batch(es) had a NaN or inf training loss and the optimizer "
+            "applied their steps (the mean training loss over the applied steps is non-finite)"
+        )
+    if not math.isfinite(row["train_loss"]):
+        return f"the mean training loss is {row['train_loss']} (no batch had a finite loss)"
+    return None
+
+
+def _epoch_notes(row: dict[str, Any], previous: dict[str, Any]) -> str:
+    """arturo's diagnostics, and what was skipped or left out this epoch."""
+    notes = f" eta {row['eta']:.3g} kl {row['kl']:.3g}" if "eta" in row else ""
+    skipped = row.get("skipped_steps", 0) - previous.get("skipped_steps", 0)
+    if skipped:
+        notes += f" | {skipped} step(s) skipped: non-finite gradients"
+    if row.get("nonfinite_batches"):
+        notes += f" | {row['nonfinite_batches']} batch(es) with a non-finite loss, not in the mean"
+    return notes

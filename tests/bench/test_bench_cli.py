@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import arturo_bench.train as train_mod
 from arturo_bench import data as D
@@ -29,6 +30,24 @@ def metrics(out: Path, opt: str, seed: int = 0) -> list[dict]:
 
 def without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same(a: object, b: object, where: str) -> None:
+    """Equal containers, and tensors equal bit for bit (dtype, shape and values)."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where  # type: ignore[union-attr]
+        assert torch.equal(a, b), where  # type: ignore[arg-type]
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where  # type: ignore[union-attr]
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")  # type: ignore[index]
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where  # type: ignore[arg-type]
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):  # type: ignore[call-overload]
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def write_fixture_run(
@@ -63,6 +82,7 @@ def test_run_end_to_end(tmp_path: Path, fmnist_dir: Path, capsys: pytest.Capture
     for opt in ("arturo", "adam", "sgd"):
         d = out / "fmnist_cnn" / opt / "seed0"
         assert {p.name for p in d.iterdir()} == {
+            ".lock",
             "config.json",
             "env.json",
             "metrics.jsonl",
@@ -122,6 +142,10 @@ def test_resume_after_interrupt_matches_uninterrupted(
     assert resumed[:2] == saved  # epochs 1-2 not recomputed: even their timings are unchanged
     for opt in ("arturo", "adam"):
         assert without_timing(metrics(out, opt)) == without_timing(metrics(ref, opt))
+        # Bitwise the same weights and optimizer state (arturo's filter, Adam's moments).
+        a, b = (torch.load(d / "fmnist_cnn" / opt / "seed0" / "checkpoint.pt") for d in (out, ref))
+        for key in ("model", "optimizer", "scheduler", "config", "epoch"):
+            assert_same(a[key], b[key], f"{opt} {key}")
 
     # Extending a finished run: only the new epoch is trained.
     assert run(*common[:-4], "--epochs", "4", "--set", "milestones=2", "--out", str(out)) == 0
