@@ -147,7 +147,9 @@ class _ArturoDiagnostics:
     KEYS = ("eta", "kl", "skipped_steps")
 
     @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer, device: torch.device) -> Any:
+    def of(
+        cls, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> _ArturoDiagnostics | None:
         """Diagnostics for an optimizer whose groups hold these keys (arturo), else None."""
         groups = optimizer.param_groups
         return cls(groups, device) if all(k in g for g in groups for k in cls.KEYS) else None
