@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(the same seed means the same initial weights and data order), e.g. --paired arturo",
     )
 
+    _add_tune_parser(sub)
+
     data = sub.add_parser("data", help="dataset helpers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser(
@@ -133,6 +135,46 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("dataset", choices=["fmnist", "cifar10", "cifar100"])
     info.add_argument("--data-dir", help="dataset directory")
     return parser
+
+
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
+    tune = sub.add_parser(
+        "tune", help="search an optimizer's hyperparameters on workloads (Optuna; docs/tuning.md)"
+    )
+    tune.add_argument("workload", nargs="?", help="the workload to tune on")
+    tune.add_argument(
+        "--tune-across",
+        nargs="+",
+        metavar="WORKLOAD",
+        help="instead of WORKLOAD: one configuration for all of these (mean normalised score)",
+    )
+    tune.add_argument("--optimizer", required=True, help="arturo, adam, adamw or sgd")
+    tune.add_argument(
+        "--trials", type=int, default=20, help="finished trials to add to the study (default: 20)"
+    )
+    tune.add_argument(
+        "--storage", required=True, help="Optuna storage, e.g. sqlite:///tune.db (resumable)"
+    )
+    tune.add_argument("--quick", action="store_true", help="the workloads' quick budgets")
+    tune.add_argument("--seed", type=int, default=0, help="training seed and sampler seed")
+    tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tune.add_argument("--data-dir", help="dataset directory (Fashion-MNIST workloads)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix an unsearched config field, e.g. --set weight_decay=0 (repeatable)",
+    )
+    tune.add_argument(
+        "--report",
+        action="store_true",
+        help="no training: print the best trials, write history and importance PNGs to --out",
+    )
+    tune.add_argument("--out", help="--report's directory (default: next to the SQLite file)")
+    tune.add_argument("--steps", type=int, help=argparse.SUPPRESS)  # tests: a shorter budget
+    tune.add_argument("--heartbeat", type=int, default=60, help=argparse.SUPPRESS)
 
 
 def _resolve_experiment(args: argparse.Namespace, name: str) -> configs.ExperimentConfig:
@@ -297,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "tune":
+            from .tune import run_command  # Optuna is imported only when tuning
+
+            return run_command(args)
         return _cmd_data(args)
     except (DataNotFoundError, OptionalDependencyError, RunDirError, ValueError) as exc:
         print(f"arturo-bench: error: {exc}", file=sys.stderr)
