@@ -158,6 +158,12 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
     tune.add_argument("--quick", action="store_true", help="the workloads' quick budgets")
     tune.add_argument("--seed", type=int, default=0, help="training seed and sampler seed")
     tune.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    tune.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: 1; for more speed run one tune process per core)",
+    )
     tune.add_argument("--data-dir", help="dataset directory (Fashion-MNIST workloads)")
     tune.add_argument(
         "--set",

@@ -628,7 +628,15 @@ def _run_trials(job: TuneJob, storage: optuna.storages.BaseStorage, args: Any) -
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial, printed below
     device = resolve_device(args.device)
-    print(f"study {job.name} in {args.storage}: adding {args.trials} trials on {device}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    # These models are small: a second intra-op thread mostly waits, and on a shared CPU the
+    # waiting made runs 10-30x slower (docs/workloads.md). Parallel processes scale instead.
+    torch.set_num_threads(args.threads)
+    print(
+        f"study {job.name} in {args.storage}: adding {args.trials} trials on {device} "
+        f"({args.threads} threads)"
+    )
     try:
         study = tune(
             job,
