@@ -13,6 +13,9 @@ from .configs import QUICK, apply_overrides, get_experiment, scale_epochs
 from .data import DataNotFoundError, fetch_fashion_mnist, load_dataset
 from .optimizers import OptionalDependencyError
 from .runs import RunDirError, run_dir
+from .suite import add_arguments as add_suite_arguments
+from .suite import listing as suite_listing
+from .suite import run_command as run_suite_command
 
 __all__ = ["main", "build_parser"]
 
@@ -122,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_tune_parser(sub)
 
+    add_suite_arguments(
+        sub.add_parser(
+            "suite",
+            help="the transfer suite: every workload x optimizer x seed, suite.md and a "
+            "performance profile (docs/suite.md)",
+        )
+    )
+
     data = sub.add_parser("data", help="dataset helpers")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     fetch = data_sub.add_parser(
@@ -222,6 +233,7 @@ def _cmd_list() -> int:
         f"{QUICK['test_subset']} test images, {QUICK['epochs']} epochs, "
         f"{' '.join(QUICK['optimizers'])}"
     )
+    print("\n" + suite_listing())
     return 0
 
 
@@ -345,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "suite":
+            return run_suite_command(args)
         if args.command == "tune":
             from .tune import run_command  # Optuna is imported only when tuning
 
