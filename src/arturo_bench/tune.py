@@ -10,7 +10,6 @@ protocol and the reasons for the spaces."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import math
 import time
@@ -150,26 +149,17 @@ def _space_from_record(record: dict[str, dict[str, Any]]) -> tuple[Dimension, ..
 
 
 # ----------------------------------------------------------------------------- configs
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    # torch's defaults (SGD's lr is torch's default too; it is always searched anyway)
-    "adamw": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=1e-2),
-    "adam": dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0),
-    "sgd": dict(lr=1e-3, momentum=0.0, weight_decay=0.0),
-}
-
-
 def base_config(optimizer: str, overrides: Iterable[str] = ()) -> Any:
-    """The config a search starts from: torch's defaults (adam, adamw, sgd), the Arturo
-    constructor's (arturo), IVON's config defaults; then ``KEY=VALUE`` overrides, where KEY is
-    a field name, optionally prefixed by ``optimizer.``."""
+    """The config a search starts from: the transfer suite's untuned settings
+    (``suite.settings.SUITE_DEFAULTS``: torch's defaults, the Arturo constructor's), then
+    ``KEY=VALUE`` overrides, where KEY is a field name, optionally prefixed by ``optimizer.``."""
     if optimizer not in configs.OPTIMIZERS:
         raise ValueError(
             f"unknown optimizer {optimizer!r}; choose one of {sorted(configs.OPTIMIZERS)}"
         )
-    if optimizer == "arturo":
-        cfg: Any = configs.ArturoConfig(**_arturo_defaults())
-    else:
-        cfg = configs.OPTIMIZERS[optimizer](**_DEFAULTS.get(optimizer, {}))
+    from .suite.settings import SUITE_DEFAULTS  # the suite's untuned settings, one place
+
+    cfg: Any = SUITE_DEFAULTS[optimizer]()
     for item in overrides:
         key, sep, value = item.partition("=")
         attr = key.strip().removeprefix(f"{optimizer}.")
@@ -178,15 +168,6 @@ def base_config(optimizer: str, overrides: Iterable[str] = ()) -> Any:
         cfg = configs._set_field(cfg, attr, value, key.strip())
     configs.validate_optimizer(optimizer, cfg)
     return cfg
-
-
-def _arturo_defaults() -> dict[str, Any]:
-    """The ``Arturo`` constructor's defaults, read from its signature so they cannot drift."""
-    from arturo import Arturo
-
-    params = inspect.signature(Arturo).parameters
-    names = {f.name for f in dataclasses.fields(configs.ArturoConfig)}
-    return {n: p.default for n, p in params.items() if n in names}
 
 
 def _apply(cfg: Any, space: Sequence[Dimension], params: dict[str, float]) -> Any:

@@ -119,12 +119,35 @@ def test_tuned_names_parse() -> None:
     assert (plain.tuned, plain.label, plain.dirname) == (False, "adamw", "adamw")
     assert (tuned.tuned, tuned.label, tuned.dirname) == (True, "adamw:tuned", "adamw-tuned")
     assert parse_optimizer("arturo:tuned").name == "arturo"
-    with pytest.raises(ValueError, match="the only variant is adamw:tuned"):
+    quick = parse_optimizer("adamw:tuned-quick")
+    assert (quick.tuned, quick.tuned_quick, quick.label, quick.dirname) == (
+        True,
+        True,
+        "adamw:tuned-quick",
+        "adamw-tuned-quick",
+    )
+    with pytest.raises(ValueError, match="the variants are adamw:tuned"):
         parse_optimizer("adamw:best")
     with pytest.raises(ValueError, match="unknown optimizer"):
         parse_optimizer("lamb:tuned")
     with pytest.raises(ValueError, match="sampled"):
         parse_optimizer("ivon")
+
+
+def test_tuned_quick_reads_the_quick_study_at_the_full_budget(tmp_path) -> None:
+    pytest.importorskip("optuna")
+    from arturo_bench import tune
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    job = tune.TuneJob(("diabetes_regression",), "adamw", quick=True, steps=3)
+    tune.tune(job, storage, 2)
+    resolved = resolve_optimizer(
+        parse_optimizer("adamw:tuned-quick"), "diabetes_regression", quick=False, storage=storage
+    )
+    assert resolved.tuned_from["study"] == "diabetes_regression-adamw-quick"
+    best = tune.best_params(storage, "diabetes_regression", "adamw", True)
+    assert resolved.config.lr == best["lr"]
+    assert resolved.config.beta1 == 0.9  # the suite's default where the search did not go
 
 
 def test_tuned_needs_storage_and_the_tune_module(monkeypatch: pytest.MonkeyPatch) -> None:

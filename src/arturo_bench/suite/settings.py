@@ -13,8 +13,9 @@ Each workload's warmup-cosine schedule scales every optimizer's lr alike; the co
 
 ``NAME:tuned`` takes, per workload, the config of the best trial of the Optuna study
 ``WORKLOAD-NAME`` (``WORKLOAD-NAME-quick`` for the quick budget; ``arturo_bench.tune``'s
-``study_name``) in ``--storage``, as ``arturo-bench tune`` wrote it: tune's base config
-(not the suite defaults) with the trial's parameters.
+``study_name``) in ``--storage``, as ``arturo-bench tune`` wrote it: these suite defaults with
+the trial's parameters. ``NAME:tuned-quick`` reads the quick-budget study at any budget, so a
+full-budget suite can use the default tuning campaign (20 trials at the quick budget).
 ``--set NAME.KEY=VALUE`` (``NAME:tuned.KEY=VALUE`` for the tuned one) overrides a field, with
 ``run``'s parsing and validation."""
 
@@ -57,6 +58,7 @@ __all__ = [
 DEFAULT_OPTIMIZERS = ("arturo", "adamw", "sgd")
 QUICK_OPTIMIZERS = ("arturo", "adamw")  # the quick suite must fit in 10 minutes on 2 cores
 TUNED = "tuned"
+TUNED_QUICK = "tuned-quick"  # settings tuned at the quick budget, used at any budget
 
 # Fields that belong to ``run``'s MultiStepLR, not to the optimizer; the suite ignores them.
 _NOT_HYPERPARAMETERS = ("gamma",)
@@ -104,16 +106,21 @@ class OptimizerSpec:
 
     name: str  # a key of configs.OPTIMIZERS
     tuned: bool = False
+    tuned_quick: bool = False  # tuned at the quick budget (``NAME:tuned-quick``)
+
+    @property
+    def variant(self) -> str | None:
+        return TUNED_QUICK if self.tuned_quick else TUNED if self.tuned else None
 
     @property
     def label(self) -> str:
         """The name in tables, ``--optimizers`` and ``--set`` keys."""
-        return f"{self.name}:{TUNED}" if self.tuned else self.name
+        return f"{self.name}:{self.variant}" if self.variant else self.name
 
     @property
     def dirname(self) -> str:
         """The run directory level (no ':' in paths)."""
-        return f"{self.name}-{TUNED}" if self.tuned else self.name
+        return f"{self.name}-{self.variant}" if self.variant else self.name
 
 
 def parse_optimizer(text: str) -> OptimizerSpec:
@@ -124,11 +131,14 @@ def parse_optimizer(text: str) -> OptimizerSpec:
             f"unknown optimizer {text!r}; choose one of {sorted(OPTIMIZERS)}, "
             f"optionally as NAME:{TUNED}"
         )
-    if sep and variant != TUNED:
-        raise ValueError(f"optimizer {text!r}: the only variant is {name}:{TUNED}")
+    if sep and variant not in (TUNED, TUNED_QUICK):
+        raise ValueError(
+            f"optimizer {text!r}: the variants are {name}:{TUNED} (tuned at the suite's budget) "
+            f"and {name}:{TUNED_QUICK} (tuned at the quick budget)"
+        )
     if name in UNSUPPORTED:
         raise ValueError(f"the transfer suite cannot train {name} yet: {UNSUPPORTED[name]}")
-    return OptimizerSpec(name, tuned=bool(sep))
+    return OptimizerSpec(name, tuned=bool(sep), tuned_quick=variant == TUNED_QUICK)
 
 
 def parse_overrides(
@@ -196,7 +206,7 @@ def resolve_optimizer(
     overrides; validated with ``run``'s rules. Raises ValueError naming the field."""
     tuned_from = None
     if spec.tuned:
-        cfg, study = _tuned_config(storage, workload, spec.name, quick)
+        cfg, study = _tuned_config(storage, workload, spec.name, quick or spec.tuned_quick)
         tuned_from = {"storage": str(storage), "study": study}
     else:
         cfg = SUITE_DEFAULTS[spec.name]()
