@@ -13,8 +13,9 @@ The passes, per fp32 parameter:
 
 1. ``filter_pass``: Kalman predict/update of (b, h, P) in place (steps 1-2).
 2. ``dual_pass``, once per evaluation of the dual (``newton_steps`` + 1 times): the partial
-   sums at one η per group, with ĝ, a and Δ recomputed on the fly from θ, b, h, λ rather than
-   stored, so the step needs no parameter-sized temporary.
+   sums at one η per group, both accumulated in one loop per tensor, with ĝ, a and Δ
+   recomputed on the fly from θ, b, h, λ rather than stored, so the step needs no
+   parameter-sized temporary.
 3. ``apply_pass``: θ ← μ − c·Δ(η), λ ← (a + ν·λ)/(ω + ν) (steps 6-7).
 
 Between the passes, :func:`arturo.functional.solve_dual` runs the Newton iterations on
@@ -41,29 +42,67 @@ from .. import functional as F
 
 __all__ = [
     "CPU_COMPILE_OPTIONS",
+    "CPU_DUAL_OPTIONS",
     "CUDA_COMPILE_OPTIONS",
+    "PASS_NAMES",
     "fused_available",
     "fused_passes",
     "gradient_checks",
+    "pass_options",
 ]
 
 #: Inductor options for the reduction passes. Inductor materialises ("realizes") a pointwise
-#: value read more than 4 times; in a graph of 100+ tensors it did so for Δ, which cost a
-#: parameter-sized buffer and a second loop per tensor. The expressions are shallow, so
-#: recomputing them inline is cheaper (docs/performance.md). Not for the filter pass, where
-#: it made the loop split further.
+#: value read more than 4 times; with earlier forms of the formulas it did so for Δ, at the
+#: cost of a parameter-sized buffer and a second loop per tensor. The current formulas no
+#: longer trip it (the same time either way, docs/performance.md); the raised threshold keeps
+#: a rewrite from bringing the buffer back silently. Not for the filter pass, where it made
+#: the loop split further.
 REDUCTION_OPTIONS: dict[str, object] = {"realize_reads_threshold": 1000}
 
-#: Extra Inductor options for the CPU passes. Inductor's C++ backend merges up to 16 loops of
+#: Extra Inductor options for every CPU pass. Inductor's C++ backend merges up to 16 loops of
 #: equal length into one ("horizontal fusion"); for ResNet's many same-shape tensors that
 #: interleaves several tensors' streams in one loop, which measured slower than one loop per
-#: tensor (docs/performance.md).
-CPU_COMPILE_OPTIONS: dict[str, object] = {"cpp.max_horizontal_fusion_size": 1}
+#: tensor (docs/performance.md). The generated wrapper also asserts every input's sizes and
+#: strides on each call, which Dynamo's guards already ensure (static shapes); for hundreds
+#: of tensors those asserts were a third of a pass call's Python overhead.
+CPU_COMPILE_OPTIONS: dict[str, object] = {
+    "cpp.max_horizontal_fusion_size": 1,
+    "size_asserts": False,
+}
+
+#: Extra Inductor options for the CPU dual pass, over the two above: one loop per tensor that
+#: accumulates both of the dual's sums, so each evaluation reads θ, b, h, λ once. Inductor's
+#: locality reordering moves every tensor's first sum ahead of all second sums, and its
+#: scheduler never fuses nodes more than 64 apart, so past ~64 tensors each tensor was read
+#: twice; without the reordering the two sums stay adjacent and a fusion size of 2 pairs
+#: exactly them (more merges several tensors' loops again; docs/performance.md).
+CPU_DUAL_OPTIONS: dict[str, object] = {
+    "reorder_for_locality": False,
+    "cpp.max_horizontal_fusion_size": 2,
+}
 
 #: Extra Inductor options for the CUDA passes. Inductor launches one kernel per tensor and
 #: pass; ``{"combo_kernels": True}`` packs them into few launches. Not yet measured on a GPU,
 #: so the default adds nothing; scripts/gpu_check.sh benchmarks both.
 CUDA_COMPILE_OPTIONS: dict[str, object] = {}
+
+#: The passes of the fused step, by the name of their attribute of :class:`FusedPasses`.
+PASS_NAMES = ("filter", "dual", "apply", "gradient_checks")
+
+
+def pass_options(device_type: str) -> dict[str, dict[str, object]]:
+    """The Inductor options of each pass (keyed by :data:`PASS_NAMES`) for ``device_type``."""
+    if device_type == "cuda":
+        extra, dual = CUDA_COMPILE_OPTIONS, {}
+    else:
+        extra, dual = CPU_COMPILE_OPTIONS, CPU_DUAL_OPTIONS
+    return {
+        "filter": dict(extra),
+        "dual": {**REDUCTION_OPTIONS, **extra, **dual},
+        "apply": dict(extra),
+        "gradient_checks": {**REDUCTION_OPTIONS, **extra},
+    }
+
 
 #: Compilations allowed per pass and device type: one per distinct set of parameters with
 #: gradients (shapes, dtypes, groups, hyperparameters). Past it, the passes run uncompiled.
@@ -107,13 +146,14 @@ def _gradient_checks(groups: tuple[F.GroupTensors, ...], dtype: torch.dtype) -> 
 
 
 class FusedPasses:
-    """The three passes and the gradient check, compiled for one device type."""
+    """The three passes and the gradient check, compiled with ``options`` (one dict per name
+    in :data:`PASS_NAMES`, as :func:`pass_options` gives them)."""
 
-    def __init__(self, extra: dict[str, object]) -> None:
-        self.filter = _Pass(F.filter_pass, extra)
-        self.dual = _Pass(F.dual_pass, {**REDUCTION_OPTIONS, **extra})
-        self.apply = _Pass(F.apply_pass, extra)
-        self.gradient_checks = _Pass(_gradient_checks, {**REDUCTION_OPTIONS, **extra})
+    def __init__(self, options: dict[str, dict[str, object]]) -> None:
+        self.filter = _Pass(F.filter_pass, options["filter"])
+        self.dual = _Pass(F.dual_pass, options["dual"])
+        self.apply = _Pass(F.apply_pass, options["apply"])
+        self.gradient_checks = _Pass(_gradient_checks, options["gradient_checks"])
 
 
 _PASSES: dict[str, FusedPasses] = {}
@@ -122,8 +162,7 @@ _PASSES: dict[str, FusedPasses] = {}
 def fused_passes(device_type: str) -> FusedPasses:
     """The compiled passes for ``device_type`` (built once per process)."""
     if device_type not in _PASSES:
-        extra = CUDA_COMPILE_OPTIONS if device_type == "cuda" else CPU_COMPILE_OPTIONS
-        _PASSES[device_type] = FusedPasses(extra)
+        _PASSES[device_type] = FusedPasses(pass_options(device_type))
     return _PASSES[device_type]
 
 
