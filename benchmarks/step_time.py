@@ -6,7 +6,7 @@ Three parameter sets (shapes only; gradients are fixed random tensors):
 - ``resnet34``: torchvision's ResNet-34 layout with 10 classes, 21.3M parameters in 110
   tensors, built from the standard [3, 4, 6, 3] BasicBlock layout;
 - ``gpt2``: GPT-2 small (HF/nanoGPT layout, tied head), 124.4M parameters. That layout has 148
-  tensors; the published figures (BENCHMARKS.md) say 145. Time is set by bytes, not by the
+  tensors; the published figures (docs/published.md) say 145. Time is set by bytes, not by the
   last three small tensors.
 
 Rows: arturo with the foreach and the fused (torch.compile) implementations, Adam(foreach),
@@ -17,9 +17,21 @@ bytes per parameter, and temporaries of one step in parameter-sized buffers (CUD
 ``max_memory_allocated`` above the steady state; CPU: every byte allocated during the step,
 summed, from the profiler's memory events -- an upper bound on the peak).
 
+Protocol: all optimizers of a set live in one process and are stepped **interleaved**, one
+step each per round (the order rotating from round to round), so that the machine's other
+load falls on all of them alike; after the first step (state, compilation) and ``--warmup``
+rounds, each row is the median of ``--repeats`` (at least 15) timed steps. ``--threads 1 2``
+runs the whole measurement once per thread count, each in a fresh process (Inductor
+specialises its CPU loops on the thread count), and ends with the fused ÷ Adam(foreach)
+ratios side by side. ``--passes`` adds the fused step's time per pass. On the CPU, glibc is
+told to keep freed memory (:func:`pin_malloc`), so that no optimizer's time depends on whether
+its temporaries happen to page-fault in this process.
+
 Examples::
 
-    python benchmarks/step_time.py --device cpu --sets cnn resnet34 --repeats 20
+    python benchmarks/step_time.py --device cpu --sets cnn resnet34 --threads 1 2
+    python benchmarks/step_time.py --sets resnet34 --optimizers "arturo (fused)" \
+        "Adam (foreach)" --threads 1 --passes --inductor dual:reorder_for_locality=1
     python benchmarks/step_time.py --device cuda --repeats 30 --json runs/step_time_cuda.json
     python benchmarks/step_time.py --device cuda --inductor combo_kernels=1   # CUDA variant
     python benchmarks/step_time.py --epoch --epoch-batches 40   # + fmnist_cnn epoch time
@@ -31,12 +43,14 @@ several runs.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +70,7 @@ Shape = tuple[int, ...]
 
 
 def cnn_f_shapes() -> list[Shape]:
-    """CNN-F (BENCHMARKS.md): three unpadded 3x3 convs, then 1152 -> 256 -> 10, with biases."""
+    """CNN-F (docs/published.md): three unpadded 3x3 convs, then 1152 -> 256 -> 10, with biases."""
     convs = [(32, 1), (64, 32), (128, 64)]
     shapes: list[Shape] = []
     for out_c, in_c in convs:
@@ -116,6 +130,29 @@ OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
 BASELINE = "Adam (foreach)"
 
 
+def pin_malloc() -> bool:
+    """Keeps freed memory in the process (glibc's ``mallopt``), for the whole run.
+
+    By default glibc returns a large freed block at the top of the heap to the OS, so an
+    optimizer that allocates parameter-sized temporaries every step (Adam(foreach): one buffer
+    per parameter) page-faults them in again every step. Whether it does depends on the
+    process's allocation history: Adam(foreach) took 37 ms or 70 ms per ResNet-34 step in
+    otherwise identical runs (18,500 minor faults per step in the slow ones). Fixed thresholds
+    give every run the fault-free figure, the stricter baseline for arturo's fused step, which
+    allocates nothing. ``--malloc default`` skips this.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+        # 32 MiB is the largest mmap threshold glibc accepts; blocks below it come from the
+        # heap, which is then never trimmed.
+        return bool(
+            libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,48 +182,136 @@ def _temporaries_bytes(opt: torch.optim.Optimizer, device: torch.device) -> int:
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events() if e.name != "[memory]")
 
 
-def time_optimizer(
-    name: str, shapes: list[Shape], device: torch.device, repeats: int, warmup: int
-) -> dict[str, object]:
+class _TimedPass:
+    """Wraps one pass of the fused step and records its wall time per call."""
+
+    def __init__(self, fn: Callable, device: torch.device, log: list[float]) -> None:
+        self.fn, self.device, self.log = fn, device, log
+
+    def __call__(self, *args: object) -> object:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(*args)
+        _sync(self.device)
+        self.log.append(time.perf_counter() - t0)
+        return out
+
+
+def _time_passes(device: torch.device) -> dict[str, list[float]]:
+    """Times every call of the fused passes from now on; returns the logs, by pass name."""
+    from arturo._kernels import compiled
+
+    passes = compiled.fused_passes(device.type)
+    logs: dict[str, list[float]] = {}
+    for name in compiled.PASS_NAMES:
+        logs[name] = []
+        fn = getattr(passes, name)
+        if isinstance(fn, _TimedPass):  # a second parameter set in the same process
+            fn = fn.fn
+        setattr(passes, name, _TimedPass(fn, device, logs[name]))
+    return logs
+
+
+def time_set(
+    names: list[str],
+    shapes: list[Shape],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    passes: bool = False,
+) -> tuple[list[dict[str, object]], dict[str, dict[str, float]]]:
+    """Rows of the optimizers ``names`` on one parameter set, stepped interleaved (see the
+    module docstring), and the fused step's median time per pass call (with ``passes``)."""
     gen = torch.Generator().manual_seed(0)
-    params = [(0.02 * torch.randn(s, generator=gen)).to(device) for s in shapes]
-    for p in params:
-        p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(device)
-    numel = sum(p.numel() for p in params)
-    row: dict[str, object] = {"optimizer": name}
-    try:
-        opt = OPTIMIZERS[name](params)
-        _sync(device)
-        t0 = time.perf_counter()
-        opt.step()  # creates state; compiles the fused passes
-        _sync(device)
-        first = time.perf_counter() - t0
-    except (RuntimeError, ValueError) as exc:  # e.g. no fused AdamW for this device
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        return row
+    init = [0.02 * torch.randn(s, generator=gen) for s in shapes]
+    grads = [1e-3 * torch.randn(s, generator=gen) for s in shapes]
+    numel = sum(p.numel() for p in init)
+    rows = {name: {"optimizer": name} for name in names}
+    live: dict[str, torch.optim.Optimizer] = {}
+    logs: dict[str, list[float]] = {}
+    for name in names:
+        params = [p.to(device, copy=True) for p in init]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.to(device, copy=True)
+        try:
+            opt = OPTIMIZERS[name](params)
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.step()  # creates state; compiles the fused passes
+            _sync(device)
+            rows[name]["first_step_s"] = time.perf_counter() - t0
+        except (RuntimeError, ValueError) as exc:  # e.g. no fused AdamW for this device
+            rows[name]["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
+        live[name] = opt
     for _ in range(warmup):
-        opt.step()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        opt.step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    row.update(
-        median_ms=1e3 * median,
-        min_ms=1e3 * min(times),
-        first_step_s=first,
-        compile_s=max(first - median, 0.0) if "fused" in name and "arturo" in name else None,
-        state_bytes_per_param=_state_bytes(opt) / numel,
-        temporaries_param_buffers=_temporaries_bytes(opt, device) / (4 * numel),
-    )
-    del opt, params
+        for opt in live.values():
+            opt.step()
+    if passes and "arturo (fused)" in live:
+        logs = _time_passes(device)
+    order = list(live)
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for i in range(repeats):
+        k = i % len(order)
+        for name in order[k:] + order[:k]:
+            _sync(device)
+            t0 = time.perf_counter()
+            live[name].step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    per_pass = {
+        name: {"median_ms": 1e3 * statistics.median(log), "calls_per_step": len(log) / repeats}
+        for name, log in logs.items()
+        if log
+    }
+    if logs:
+        for log in logs.values():
+            log.clear()
+    for name, opt in live.items():
+        median = statistics.median(times[name])
+        rows[name].update(
+            median_ms=1e3 * median,
+            min_ms=1e3 * min(times[name]),
+            compile_s=(
+                max(rows[name]["first_step_s"] - median, 0.0)
+                if "fused" in name and "arturo" in name
+                else None
+            ),
+            state_bytes_per_param=_state_bytes(opt) / numel,
+            temporaries_param_buffers=_temporaries_bytes(opt, device) / (4 * numel),
+        )
+    del live
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+    return [rows[name] for name in names], per_pass
+
+
+def configure_inductor(device: torch.device, items: list[str]) -> dict[str, dict[str, object]]:
+    """Builds the fused passes for ``device`` with ``[PASS:]KEY=VALUE`` Inductor options on
+    top of arturo's own (every pass, or the named one); returns the options of each pass."""
+    from arturo._kernels import compiled
+
+    options = compiled.pass_options(device.type)
+    defaults = torch._inductor.config.get_config_copy()
+    for item in items:
+        name, _, value = item.partition("=")
+        target, _, key = name.rpartition(":")
+        if key not in defaults:
+            raise ValueError(f"--inductor {item}: no Inductor option {key!r}")
+        if target and target not in compiled.PASS_NAMES:
+            raise ValueError(f"--inductor {item}: no pass {target!r} in {compiled.PASS_NAMES}")
+        kind = type(defaults[key])  # options are type-checked: cast to the option's type
+        if kind is bool:
+            cast: object = value.lower() in ("1", "true", "yes")
+        elif kind in (int, float):
+            cast = kind(value)
+        else:
+            cast = value
+        for name in [target] if target else compiled.PASS_NAMES:
+            options[name][key] = cast
+    compiled._PASSES[device.type] = compiled.FusedPasses(options)
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +446,74 @@ def print_table(label: str, shapes: list[Shape], rows: list[dict[str, object]]) 
         )
 
 
+def print_passes(per_pass: dict[str, dict[str, float]]) -> None:
+    if not per_pass:
+        return
+    print("\n| fused pass | median per call | calls per step | per step |")
+    print("|---|---|---|---|")
+    total = 0.0
+    for name, r in per_pass.items():
+        step_ms = r["median_ms"] * r["calls_per_step"]
+        total += step_ms
+        print(f"| {name} | {r['median_ms']:.2f} ms | {r['calls_per_step']:g} | {step_ms:.1f} ms |")
+    print(f"| all passes |  |  | {total:.1f} ms |")
+
+
+def print_side_by_side(runs: list[dict[str, object]]) -> None:
+    """fused ÷ Adam(foreach) of every set, one column group per thread count."""
+    threads = [run["environment"]["threads"] for run in runs]
+    sets = [key for key in SETS if any(key in run for run in runs)]
+    print("\n### arturo (fused) against Adam (foreach), by thread count\n")
+    head = " | ".join(f"fused, {t} thr | Adam(foreach), {t} thr | ratio, {t} thr" for t in threads)
+    print(f"| parameter set | {head} |")
+    print("|---|" + "---|---|---|" * len(runs))
+    for key in sets:
+        cells = []
+        for run in runs:
+            rows = {r["optimizer"]: r for r in run.get(key, [])}
+            fused, adam = rows.get("arturo (fused)", {}), rows.get(BASELINE, {})
+            if "median_ms" in fused and "median_ms" in adam:
+                ratio = fused["median_ms"] / adam["median_ms"]
+                cells.append(
+                    f"{fused['median_ms']:.1f} ms | {adam['median_ms']:.1f} ms | {ratio:.2f}×"
+                )
+            else:
+                cells.append("n/a | n/a | n/a")
+        print(f"| {SETS[key][0]} | " + " | ".join(cells) + " |")
+
+
+def _per_thread_count(args: argparse.Namespace) -> int:
+    """Runs this script once per ``--threads`` value, each in a fresh process, then prints
+    the side-by-side summary."""
+    runs = []
+    status = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for threads in args.threads:
+            out = Path(tmp) / f"threads_{threads}.json"
+            cmd = [sys.executable, __file__, "--device", args.device, "--sets", *args.sets]
+            cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+            cmd += ["--optimizers", *args.optimizers, "--threads", str(threads)]
+            cmd += [f"--inductor={item}" for item in args.inductor]
+            cmd += ["--passes"] if args.passes else []
+            cmd += ["--malloc", args.malloc]
+            cmd += ["--json", str(out)]
+            if args.epoch:
+                cmd += ["--epoch"]
+                if args.epoch_batches:
+                    cmd += ["--epoch-batches", str(args.epoch_batches)]
+            print(f"\n## {threads} thread{'s' if threads > 1 else ''}", flush=True)
+            rc = subprocess.run(cmd, check=False).returncode
+            status = status or rc
+            if rc == 0:
+                runs.append(json.loads(out.read_text()))
+    if runs:
+        print_side_by_side(runs)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(runs, indent=2))
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device")
@@ -328,17 +521,33 @@ def main(argv: list[str] | None = None) -> int:
         "--sets", nargs="+", choices=list(SETS), default=list(SETS), help="parameter sets"
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds after the first")
     parser.add_argument(
         "--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS)
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch.set_num_threads; several values: one fresh process each, then a summary",
+    )
     parser.add_argument(
         "--inductor",
         action="append",
         default=[],
-        metavar="KEY=VALUE",
-        help="Inductor option for the fused CUDA passes, e.g. combo_kernels=1 (repeatable)",
+        metavar="[PASS:]KEY=VALUE",
+        help="Inductor option for the fused passes on --device, all of them or the named one "
+        "(filter, dual, apply, gradient_checks), e.g. combo_kernels=1 (repeatable)",
+    )
+    parser.add_argument(
+        "--passes", action="store_true", help="also time each pass of the fused step"
+    )
+    parser.add_argument(
+        "--malloc",
+        choices=["pinned", "default"],
+        default="pinned",
+        help="pinned: glibc keeps freed memory (no page faults per step; see pin_malloc)",
     )
     parser.add_argument(
         "--epoch", action="store_true", help="also time a fmnist_cnn epoch: arturo vs Adam"
@@ -355,39 +564,39 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.threads and len(args.threads) > 1:
+        return _per_thread_count(args)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads[0])
+    malloc = "default"
+    if args.malloc == "pinned" and device.type == "cpu":
+        malloc = "pinned" if pin_malloc() else "default (mallopt unavailable)"
+    options = None
     if args.inductor:
-        from arturo._kernels import compiled
+        try:
+            options = configure_inductor(device, args.inductor)
+        except ValueError as exc:
+            parser.error(str(exc))
 
-        defaults = torch._inductor.config.get_config_copy()
-        for item in args.inductor:
-            key, _, value = item.partition("=")
-            if key not in defaults:
-                parser.error(f"--inductor {item}: no Inductor option {key!r}")
-            kind = type(defaults[key])  # options are type-checked: cast to the option's type
-            if kind is bool:
-                compiled.CUDA_COMPILE_OPTIONS[key] = value.lower() in ("1", "true", "yes")
-            elif kind in (int, float):
-                compiled.CUDA_COMPILE_OPTIONS[key] = kind(value)
-            else:
-                compiled.CUDA_COMPILE_OPTIONS[key] = value
-
-    env = _environment(device)
-    print(f"# optimizer.step() time, median of {args.repeats} steps")
+    env = _environment(device) | {"malloc": malloc}
+    print(f"# optimizer.step() time, median of {args.repeats} interleaved steps")
+    if args.repeats < 15:
+        print(f"(--repeats {args.repeats}: fewer than the 15 steps of the protocol)")
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    if args.inductor:
-        print(f"Inductor options for the fused CUDA passes: {args.inductor}")
+    if options:
+        print(f"Inductor options of the fused passes: {options}")
     results: dict[str, object] = {"environment": env, "args": vars(args) | {"json": str(args.json)}}
     for key in args.sets:
         label, make_shapes = SETS[key]
         shapes = make_shapes()
-        rows = [
-            time_optimizer(name, shapes, device, args.repeats, args.warmup)
-            for name in args.optimizers
-        ]
+        rows, per_pass = time_set(
+            args.optimizers, shapes, device, args.repeats, args.warmup, args.passes
+        )
         print_table(label, shapes, rows)
+        print_passes(per_pass)
         results[key] = rows
+        if per_pass:
+            results[f"{key}_passes"] = per_pass
         sys.stdout.flush()
     if args.epoch:
         rows = epoch_time(device, args.epoch_batches)
