@@ -349,7 +349,7 @@ def get_experiment(name: str) -> ExperimentConfig:
 
 def scale_epochs(exp: ExperimentConfig, epochs: int) -> ExperimentConfig:
     """Shorten or lengthen the schedule, keeping milestones at the same fractions of training
-    (120 epochs at 60/90 becomes 40 at 20/30, the shortened schedule in BENCHMARKS.md)."""
+    (120 epochs at 60/90 becomes 40 at 20/30, the shortened schedule in docs/published.md)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     # At least 1: torch's MultiStepLR treats a milestone 0 as "decay before the first epoch".

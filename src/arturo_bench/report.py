@@ -155,7 +155,7 @@ def markdown_table(rows: list[dict[str, Any]], target: float = 0.90) -> str:
 
 def accuracy_at_epochs_table(groups: list[Group], epochs: list[int]) -> str:
     """Test accuracy (mean ± std over seeds) at the given epochs; "–" where a run stopped
-    earlier. BENCHMARKS.md quotes the published figures this way (@ 10, @ 20, @ 40)."""
+    earlier. docs/published.md quotes the published figures this way (@ 10, @ 20, @ 40)."""
     cols = " | ".join(f"@ {e}" for e in epochs)
     head = f"| experiment | optimizer | {cols} |\n|---|---|{'---|' * len(epochs)}\n"
     lines = []

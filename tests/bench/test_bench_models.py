@@ -13,7 +13,7 @@ def n_params(m: torch.nn.Module) -> int:
 @pytest.mark.parametrize(
     "name,classes,channels,size,expected",
     [
-        ("cnn_f", 10, 1, 28, 390_410),  # BENCHMARKS.md: 0.39M
+        ("cnn_f", 10, 1, 28, 390_410),  # docs/published.md: 0.39M
         ("cnn_c", 10, 3, 32, 653_386),
         ("cnn_c", 100, 3, 32, 676_516),
         ("resnet18", 10, 1, 28, 11_175_370),  # torchvision resnet18, 1-ch stem, 10 classes
