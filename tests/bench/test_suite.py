@@ -33,13 +33,7 @@ from arturo_bench.workloads import get_workload
 WORKLOADS = ["fmnist_mlp", "diabetes_regression"]  # one max metric, one min metric
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny models: on a busy 2-core machine a second intra-op thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

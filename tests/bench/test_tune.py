@@ -39,13 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = "20"  # a tiny budget: one evaluation, at the end
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """Tiny models: on a busy 2-core machine a second intra-op thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def storage_url(tmp_path: Path) -> str:

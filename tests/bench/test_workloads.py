@@ -39,13 +39,7 @@ OFFLINE_WORKLOADS = ["text_transformer", "diabetes_regression", "digits_gru"]
 ROW_KEYS = {"step", "train_loss", "metric", "lr", "time_s", "diverged"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """These models are tiny: on a busy 2-core machine a second intra-op thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def adamw(params):
