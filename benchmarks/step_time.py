@@ -306,6 +306,11 @@ def configure_inductor(device: torch.device, items: list[str]) -> dict[str, dict
             cast: object = value.lower() in ("1", "true", "yes")
         elif kind in (int, float):
             cast = kind(value)
+        elif defaults[key] is None:  # e.g. cpp.simdlen: a number when set
+            try:
+                cast = int(value)
+            except ValueError:
+                cast = value
         else:
             cast = value
         for name in [target] if target else compiled.PASS_NAMES:

@@ -63,8 +63,8 @@ REDUCTION_OPTIONS: dict[str, object] = {"realize_reads_threshold": 1000}
 #: equal length into one ("horizontal fusion"); for ResNet's many same-shape tensors that
 #: interleaves several tensors' streams in one loop, which measured slower than one loop per
 #: tensor (docs/performance.md). The generated wrapper also asserts every input's sizes and
-#: strides on each call, which Dynamo's guards already ensure (static shapes); for hundreds
-#: of tensors those asserts were a third of a pass call's Python overhead.
+#: strides on each call, which Dynamo's guards already ensure (static shapes); with hundreds
+#: of tensors per pass those asserts are a sizable share of each call's Python overhead.
 CPU_COMPILE_OPTIONS: dict[str, object] = {
     "cpp.max_horizontal_fusion_size": 1,
     "size_asserts": False,
