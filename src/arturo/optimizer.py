@@ -90,6 +90,23 @@ def _check(name: str, value: Any, ok: bool, requirement: str) -> None:
         raise ValueError(f"Invalid {name}: {value!r} ({requirement})")
 
 
+_FLAT_SHARDING_ADVICE = (
+    "each rank's trust region would cover only its own partition, with no all-reduce, so the "
+    "KL bound would be silently wrong. Use FSDP2 (torch.distributed.fsdp.fully_shard), whose "
+    "sharded DTensor parameters Arturo all-reduces, or plain DDP"
+)
+
+
+def _is_flat_parameter(p: Tensor) -> bool:
+    """Whether ``p`` belongs to FSDP1's flat-parameter sharding: a ``FlatParameter``, or an
+    original parameter viewing into one (``use_orig_params=True``).
+
+    ``isinstance(p, FlatParameter)`` is itself this attribute check, so no FSDP1 import (slow,
+    and private) is needed. FSDP2 sets neither attribute.
+    """
+    return bool(getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False))
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -364,6 +381,11 @@ class Arturo(Optimizer):
             for p in group["params"]:
                 if p.is_sparse:
                     raise SparseGradientError("Arturo does not support sparse parameters")
+                if _is_flat_parameter(p):
+                    raise RuntimeError(
+                        "Arturo cannot step on FSDP1's flat-parameter sharding (a FlatParameter, "
+                        "or a use_orig_params view into one): " + _FLAT_SHARDING_ADVICE
+                    )
                 if self.fused:
                     _check(
                         "fused",
@@ -376,6 +398,54 @@ class Arturo(Optimizer):
             raise
         for key, dtype in GROUP_STATE_DTYPES.items():
             group[key] = torch.zeros((), dtype=dtype)
+        # step() checks that the groups still hold these objects. An unpickled optimizer lacks
+        # the record (torch.optim pickles only groups and state), so start from its groups.
+        given = self.__dict__.setdefault(
+            "_given_params", [tuple(g["params"]) for g in self.param_groups[:-1]]
+        )
+        given.append(tuple(group["params"]))
+
+    def _check_params_not_replaced(self) -> None:
+        """Raise RuntimeError if a wrapper replaced a group's parameters since they were given.
+
+        DeepSpeed ZeRO-1/2 swaps each group's parameters for one flat per-rank partition; a
+        wrapper may do the same with FSDP1's flat parameters. Same-shaped, unflattened
+        replacements of parameters without state are accepted: that is how Accelerate hands
+        over FSDP2's DTensor parameters, or parameters it moved to another device. The common
+        case is one identity comparison per parameter, without touching the device.
+        """
+        given = self.__dict__.setdefault(
+            "_given_params", [tuple(g["params"]) for g in self.param_groups]
+        )
+        if len(given) != len(self.param_groups):
+            raise RuntimeError(
+                f"Arturo was given {len(given)} param groups and now has "
+                f"{len(self.param_groups)}: add groups with add_param_group(), not by editing "
+                "param_groups"
+            )
+        replaced = False
+        for gi, (old, group) in enumerate(zip(given, self.param_groups, strict=True)):
+            new = group["params"]
+            if len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True)):
+                continue
+            replaced = True
+            if len(old) != len(new) or any(
+                a.shape != b.shape or _is_flat_parameter(b) for a, b in zip(old, new, strict=True)
+            ):
+                raise RuntimeError(
+                    f"the parameters of param group {gi} were replaced after Arturo was "
+                    f"created by tensors of other shapes ({len(old)} given, {len(new)} now), as "
+                    "DeepSpeed ZeRO and FSDP1 do when they hand the optimizer flattened "
+                    "per-rank partitions: " + _FLAT_SHARDING_ADVICE
+                )
+            if any(self.state.get(a) for a, b in zip(old, new, strict=True) if a is not b):
+                raise RuntimeError(
+                    f"the parameters of param group {gi} were replaced after Arturo took "
+                    "steps, so its state belongs to the old tensors: create the optimizer "
+                    "after wrapping the model, or load a state_dict into a new one"
+                )
+        if replaced:
+            self._given_params = [tuple(g["params"]) for g in self.param_groups]
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim pickles (and deep-copies) only defaults, state and param groups.
@@ -461,6 +531,7 @@ class Arturo(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Take one step. ``closure`` re-evaluates the model and returns the loss."""
+        self._check_params_not_replaced()
         loss = None
         if closure is not None:
             with torch.enable_grad():
