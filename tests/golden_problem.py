@@ -50,6 +50,7 @@ def make_optimizer(params: list[list[torch.Tensor]], **impl) -> Arturo:
             {"params": params[0], "lr": 0.05, "weight_decay": 0.3},
             {"params": params[1], "lr": 0.02, "weight_decay": 0.0, "init_curvature": -0.05},
         ],
+        units="absolute",  # recorded in the published semantics, which must not change
         **impl,
     )
 

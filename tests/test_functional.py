@@ -1,5 +1,6 @@
 """The math units: the Kalman filter and the dual solve (docs/algorithm.md)."""
 
+import itertools
 import math
 
 import pytest
@@ -149,10 +150,12 @@ def test_every_global_sum_goes_through_reduce_fn_once_per_evaluation(monkeypatch
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (5,), (2, 2, 2)]]
     for p in params:
         p.grad = torch.randn_like(p)
-    for foreach in (False, True):
+    for foreach, units in itertools.product((False, True), ("absolute", "relative")):
         calls.clear()
         # Fresh group dicts for each optimizer (a reused dict is copied, never shared).
         groups = [{"params": params[:2]}, {"params": params[2:], "lr": 0.01}]
-        Arturo(groups, newton_steps=3, foreach=foreach).step()
-        # One [groups, 2] tensor for the gradient check, then one per dual evaluation.
-        assert calls == [torch.Size([2, 2])] * 5
+        Arturo(groups, newton_steps=3, foreach=foreach, units=units).step()
+        # One flat tensor for the gradient statistics (2 per group; in relative units also
+        # one Σ g² per tensor), then one [groups, 2] tensor per dual evaluation.
+        first = 4 + (3 if units == "relative" else 0)
+        assert calls == [torch.Size([first])] + [torch.Size([2, 2])] * 4

@@ -254,6 +254,7 @@ def run_and_compare(config: str, **impl) -> SpecReference:
             for g, hp in zip(params, hypers, strict=True)
         ],
         **base,
+        units="absolute",  # the transcription is of the published semantics
         newton_steps=30,
         **impl,
     )

@@ -66,6 +66,10 @@ ReduceFn = Callable[[Tensor], Tensor]
 #: Weight of the newest observation in the running gradient scale of a group.
 GRAD_SCALE_MOMENTUM = 0.1
 
+#: Relative units: weight of the old value in each tensor's running mean square gradient
+#: once it has seen more than 1/(1 − this) steps (before that it is the plain mean).
+GRAD_SQ_MOMENTUM = 0.99
+
 
 class GroupHyperparams(NamedTuple):
     """Scalar hyperparameters of one param group (symbols as in docs/algorithm.md)."""
@@ -77,6 +81,7 @@ class GroupHyperparams(NamedTuple):
     filter_process_noise: float  # q, added to the filter's covariance diagonal each step
     filter_measurement_noise: float  # r, variance of a gradient measurement
     outlier_threshold: float = math.inf  # skip a step whose gradient scale jumps by this
+    relative: bool = False  # units="relative": h₀, ω and ν in units of the gradient's scale
 
     @property
     def prior(self) -> float:
@@ -111,6 +116,17 @@ class GroupTensors(NamedTuple):
     cov_hh: list[Tensor]  # P11
     precisions: list[Tensor]  # λ, precision of the search distribution
     steps: list[Tensor]  # 0-dim count of applied (not skipped) steps of each parameter
+    # Relative units only (None otherwise): each tensor's running mean square gradient (0-dim,
+    # state dtype), and its number of entries over all shards.
+    grad_sq_avgs: list[Tensor] | None = None
+    numels: tuple[int, ...] | None = None
+
+
+class TensorUnits(NamedTuple):
+    """A relative-units group's per-tensor gradient scales, as [T] vectors (T tensors)."""
+
+    scale: Tensor  # s = √(running mean square gradient); 1 where ``present`` is False
+    present: Tensor  # bool: the tensor has had a non-zero gradient (else it takes no step)
 
 
 class StepResult(NamedTuple):
@@ -185,14 +201,18 @@ def filter_step_(
     *,
     hp: GroupHyperparams,
     keep: Tensor,
+    scale: Tensor | None = None,
 ) -> None:
     """One parameter's filter step: first-step initialisation, Kalman update, step count.
 
     ``g`` must be finite (non-finite entries zeroed), so that ``keep`` = 0 is an exact no-op.
-    b starts at 0 and takes the gradient on the parameter's first applied step.
+    b starts at 0 and takes the gradient on the parameter's first applied step. In relative
+    units (``scale`` = the tensor's gradient scale s), h starts at h₀·s instead of h₀.
     """
     first = (step == 0).to(b.dtype) * keep
     b.add_(first * g)
+    if scale is not None:
+        h.mul_(initial_curvature_factor(first, scale))
     kalman_update_(
         x,
         g,
@@ -206,6 +226,37 @@ def filter_step_(
         keep=keep,
     )
     step.add_(keep)
+
+
+def initial_curvature_factor(first: Tensor, scale: Tensor) -> Tensor:
+    """Relative units: h₀ is stored unit-free and multiplied by the tensor's gradient scale s
+    on its first step (a select, not 1 + first·(s − 1), so that h₀·s is exact)."""
+    return torch.where(first > 0, scale, 1.0)
+
+
+def running_mean_square(avg: Tensor, now: Tensor, steps: Tensor, keep: Tensor) -> Tensor:
+    """Relative units: each tensor's running mean of mean(g²), moved where ``keep``.
+
+    The plain mean of the steps so far (weight 1/(n + 1) for the (n + 1)-th), then an
+    exponential average with weight 1 − GRAD_SQ_MOMENTUM. Every operation is homogeneous in
+    the gradient, so a loss scaled by c scales it by exactly c² when c is a power of two.
+    """
+    weight = torch.clamp_min(1.0 / (steps + 1.0), 1.0 - GRAD_SQ_MOMENTUM).to(avg.dtype)
+    return torch.where(keep > 0, avg + (now - avg) * weight, avg)
+
+
+def gradient_units(avg: Tensor) -> TensorUnits:
+    """Relative units: the gradient scale s = √avg of each tensor, and whether it has seen a
+    non-zero gradient. A tensor whose gradients were all exactly 0 has no scale: it takes no
+    step (its s is set to 1 only to keep every formula finite)."""
+    present = avg > 0
+    return TensorUnits(torch.where(present, avg.sqrt(), 1.0), present)
+
+
+def prior_curvature(hp: GroupHyperparams, scale: Tensor | None) -> float | Tensor:
+    """ω·λ₀, the prior's share of a coordinate's curvature: in relative units ω is in units
+    of the tensor's gradient scale s, so this is ω·λ₀·s."""
+    return hp.prior if scale is None else hp.prior * scale
 
 
 def decay_factor(eps: Tensor, hp: GroupHyperparams, keep: Tensor) -> Tensor:
@@ -229,10 +280,21 @@ def trust_region_step(g_model: Tensor, a: Tensor, lam: Tensor, eta: Tensor) -> T
     return g_model / (a + eta * lam)
 
 
-def precision_update(lam: Tensor, a: Tensor, hp: GroupHyperparams, keep: Tensor) -> Tensor:
+def precision_update(
+    lam: Tensor, a: Tensor, hp: GroupHyperparams, keep: Tensor, scale: Tensor | None = None
+) -> Tensor:
     """Step 7: λ ← (a + ν·λ)/(ω + ν), written as λ·m + a·k so that keep = 0 returns λ
-    bitwise."""
-    return lam * (1.0 - keep * (1.0 - hp.precision_keep)) + a * (keep * hp.precision_gain)
+    bitwise. In relative units ω and ν are in units of the gradient scale s:
+    λ ← (a/s + ν·λ)/(ω + ν)."""
+    gain = keep * hp.precision_gain
+    if scale is not None:
+        gain = gain / scale
+    return lam * (1.0 - keep * (1.0 - hp.precision_keep)) + a * gain
+
+
+def gradient_sum_squares(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """[T]: Σ g² of each gradient tensor (this rank's shard), for relative units."""
+    return torch.stack([g.to(dtype).square().sum() for g in grads])
 
 
 def gradient_check(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
@@ -327,23 +389,50 @@ def solve_dual(
 
 # ---------------------------------------------------------------------------------------------
 # Phases 1 and 3 as per-tensor passes: the reference when run eagerly, the fused step when
-# compiled (arturo._kernels.compiled). ``keep``, ``eps``, ``etas`` and ``scales`` are [G].
+# compiled (arturo._kernels.compiled). ``keep``, ``eps``, ``etas`` and ``scales`` are [G];
+# ``units`` holds each group's per-tensor gradient scales (relative units) or None.
 # ---------------------------------------------------------------------------------------------
+
+#: Per group: its tensors' gradient scales in relative units, None in absolute units.
+GroupUnits = Sequence[TensorUnits | None]
+
+
+def _tensor_units(units: TensorUnits | None, j: int, keep: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(s, keep) of a group's j-th tensor: in relative units a tensor that has seen only zero
+    gradients is held, whatever its group does."""
+    if units is None:
+        return None, keep
+    return units.scale[j], keep * units.present[j].to(keep.dtype)
 
 
 def filter_pass(
-    groups: Sequence[GroupTensors], hparams: Sequence[GroupHyperparams], keep: Tensor
+    groups: Sequence[GroupTensors],
+    hparams: Sequence[GroupHyperparams],
+    keep: Tensor,
+    units: GroupUnits,
 ) -> None:
     """Steps 1-2 for every parameter, in place."""
     for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
-        for theta, grad, b, h, p00, p01, p11, _lam, step in zip(*group, strict=True):
+        tensors = zip(
+            group.params,
+            group.grads,
+            group.intercepts,
+            group.curvatures,
+            group.cov_bb,
+            group.cov_bh,
+            group.cov_hh,
+            group.steps,
+            strict=True,
+        )
+        for j, (theta, grad, b, h, p00, p01, p11, step) in enumerate(tensors):
+            scale, keep_j = _tensor_units(units[i], j, keep[i])
             x = theta.to(b.dtype)
             g = zero_nonfinite(grad.to(b.dtype))
-            filter_step_(x, g, b, h, p00, p01, p11, step, hp=hp, keep=keep[i])
+            filter_step_(x, g, b, h, p00, p01, p11, step, hp=hp, keep=keep_j, scale=scale)
 
 
 def _dual_terms(
-    mu: Tensor, b: Tensor, h: Tensor, lam: Tensor, *, prior: float, eta: Tensor
+    mu: Tensor, b: Tensor, h: Tensor, lam: Tensor, *, prior: float | Tensor, eta: Tensor
 ) -> tuple[Tensor, Tensor]:
     """(Σ λΔ², Σ λΔ²/(r+η)) over one tensor, with r + η = (a + η·λ)/λ."""
     a = stepping_curvature(h, prior)
@@ -358,6 +447,7 @@ def dual_pass(
     eps: Tensor,
     etas: Tensor,
     keep: Tensor,
+    units: GroupUnits,
 ) -> Tensor:
     """[G, 2] local partial sums of the dual at η = ``etas``, from the post-filter state."""
     sums = []
@@ -365,10 +455,15 @@ def dual_pass(
         decay = decay_factor(eps[i], hp, keep[i])
         s2 = etas.new_zeros(())
         s3 = etas.new_zeros(())
-        for theta, b, h, lam in zip(
+        tensors = zip(
             group.params, group.intercepts, group.curvatures, group.precisions, strict=True
-        ):
-            t2, t3 = _dual_terms(theta.to(b.dtype) * decay, b, h, lam, prior=hp.prior, eta=etas[i])
+        )
+        for j, (theta, b, h, lam) in enumerate(tensors):
+            scale, keep_j = _tensor_units(units[i], j, keep[i])
+            prior = prior_curvature(hp, scale)
+            t2, t3 = _dual_terms(theta.to(b.dtype) * decay, b, h, lam, prior=prior, eta=etas[i])
+            if scale is not None:  # a held tensor takes no step, so adds nothing to the KL
+                t2, t3 = t2 * keep_j, t3 * keep_j
             s2 = s2 + t2
             s3 = s3 + t3
         sums.append(torch.stack([s2, s3]))
@@ -382,20 +477,24 @@ def apply_pass(
     etas: Tensor,
     scales: Tensor,
     keep: Tensor,
+    units: GroupUnits,
 ) -> None:
     """Steps 6-7: θ ← μ − c·Δ(η), λ ← (a + ν·λ)/(ω + ν), in place. Where keep is 0, θ and λ
     stay bitwise (the select also guards against a Δ that overflowed)."""
     for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
         decay = decay_factor(eps[i], hp, keep[i])
-        for theta, b, h, lam in zip(
+        tensors = zip(
             group.params, group.intercepts, group.curvatures, group.precisions, strict=True
-        ):
+        )
+        for j, (theta, b, h, lam) in enumerate(tensors):
+            scale, keep_j = _tensor_units(units[i], j, keep[i])
+            prior = prior_curvature(hp, scale)
             old = theta.to(lam.dtype)
             mu = old * decay
-            a = stepping_curvature(h, hp.prior)
-            delta = trust_region_step(model_gradient(mu, b, h, hp.prior), a, lam, etas[i])
-            theta.copy_(torch.where(keep[i] > 0, mu - scales[i] * delta, old))
-            lam.copy_(precision_update(lam, a, hp, keep[i]))
+            a = stepping_curvature(h, prior)
+            delta = trust_region_step(model_gradient(mu, b, h, prior), a, lam, etas[i])
+            theta.copy_(torch.where(keep_j > 0, mu - scales[i] * delta, old))
+            lam.copy_(precision_update(lam, a, hp, keep_j, scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +516,21 @@ def _as_state_dtype(tensors: list[Tensor], like: list[Tensor]) -> list[Tensor]:
     return [t if t.dtype == s.dtype else t.to(s.dtype) for t, s in zip(tensors, like, strict=True)]
 
 
+def _foreach_keeps(keep: Tensor, units: TensorUnits | None, n: int) -> Tensor:
+    """[n]: each tensor's keep (in relative units a tensor that has seen only zero gradients
+    is held)."""
+    if units is None:
+        return keep.expand(n)
+    return keep * units.present.to(keep.dtype)
+
+
 def _foreach_filter_and_model(
-    group: GroupTensors, hp: GroupHyperparams, *, decay: Tensor, keep: Tensor
+    group: GroupTensors,
+    hp: GroupHyperparams,
+    *,
+    decay: Tensor,
+    keep: Tensor,
+    units: TensorUnits | None,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """:func:`filter_step_` for a list, then v = ĝ/λ and r = a/λ at μ (steps 1-4).
 
@@ -426,19 +538,27 @@ def _foreach_filter_and_model(
     (each one page-faults), so this allocates four lists and reuses them for everything: two
     come back as v and r, two as scratch for the dual's evaluations.
     """
-    prior = hp.prior
     b, h = group.intercepts, group.curvatures
     p00, p01, p11 = group.cov_bb, group.cov_bh, group.cov_hh
+    keeps = _foreach_keeps(keep, units, len(b))
+    prior: float | list[Tensor] = hp.prior
+    if units is not None:
+        prior = list((hp.prior * units.scale).unbind())
     x = _as_state_dtype(group.params, b)
     limit = innovation_limit(b[0].dtype)
     # The gradient with non-finite entries zeroed; this buffer becomes the scaled innovation.
     err = [zero_nonfinite(t) for t in _as_state_dtype(group.grads, b)]
     # b takes the gradient on a parameter's first applied step (one stacked comparison
     # instead of one small op per parameter).
-    first = ((torch.stack(group.steps) == 0).to(keep.dtype) * keep).unbind()
-    torch._foreach_addcmul_(b, err, first)
+    first = (torch.stack(group.steps) == 0).to(keep.dtype) * keeps
+    torch._foreach_addcmul_(b, err, first.unbind())
+    if units is not None:
+        torch._foreach_mul_(h, initial_curvature_factor(first, units.scale).unbind())
     # 1. predict
-    q = _broadcast(keep * hp.filter_process_noise, p00)
+    if units is None:
+        q = _broadcast(keep * hp.filter_process_noise, p00)
+    else:
+        q = list((keeps * hp.filter_process_noise).unbind())
     torch._foreach_add_(p00, q)
     torch._foreach_add_(p11, q)
     # 2. update: k = P·[1, x], s = [1, x]·k + r, [b, h] += k·(g − b − h·x)/s, P −= k·kᵀ/s
@@ -447,7 +567,7 @@ def _foreach_filter_and_model(
     inv_s = torch._foreach_addcmul(k0, k1, x)
     torch._foreach_add_(inv_s, hp.filter_measurement_noise)
     torch._foreach_reciprocal_(inv_s)
-    torch._foreach_mul_(inv_s, keep)
+    torch._foreach_mul_(inv_s, keep if units is None else keeps.unbind())
     torch._foreach_sub_(err, b)
     torch._foreach_addcmul_(err, h, x, value=-1.0)
     torch._foreach_mul_(err, inv_s)
@@ -463,7 +583,7 @@ def _foreach_filter_and_model(
     gain_b = inv_s  # k0/s
     torch._foreach_mul_(gain_b, k0)
     torch._foreach_addcmul_(p00, k0, gain_b, value=-1.0)
-    torch._foreach_add_(group.steps, _broadcast(keep, group.steps))
+    torch._foreach_add_(group.steps, keeps.unbind())
 
     # 3-4. model at μ = θ·decay, written into k0 (v = ĝ/λ) and k1 (r = a/λ)
     v = k0
@@ -473,6 +593,8 @@ def _foreach_filter_and_model(
     torch._foreach_mul_(v, decay)  # (h + ω·λ₀)·μ
     torch._foreach_add_(v, b)
     torch._foreach_div_(v, group.precisions)
+    if units is not None:  # a held tensor takes no step, so adds nothing to the KL
+        torch._foreach_mul_(v, keeps.unbind())
     r = k1
     torch._foreach_copy_(r, h)
     torch._foreach_clamp_min_(r, 0.0)
@@ -513,9 +635,11 @@ def _foreach_apply(
     step_scale: Tensor,
     decay: Tensor,
     keep: Tensor,
+    units: TensorUnits | None,
 ) -> None:
     """:func:`apply_pass` for one group's lists."""
     lam = group.precisions
+    keeps = _foreach_keeps(keep, units, len(lam))
     mu = _as_state_dtype(group.params, lam)  # the params themselves unless low precision
     # Δ = v/(r+η), written into v; then θ ← θ·decay − c·Δ. Clamping Δ to the finite range
     # keeps 0·Δ exactly 0 in a group cancelled because its Δ overflowed.
@@ -525,15 +649,23 @@ def _foreach_apply(
     torch._foreach_clamp_min_(v_list, -big)
     torch._foreach_clamp_max_(v_list, big)
     torch._foreach_mul_(v_list, step_scale)
-    torch._foreach_mul_(mu, decay)
+    if units is None:
+        torch._foreach_mul_(mu, decay)
+    else:  # a held tensor keeps its value, weight decay included (v is 0 there)
+        torch._foreach_mul_(mu, torch.where(keeps > 0, decay, 1.0).unbind())
     torch._foreach_sub_(mu, v_list)
     # λ ← λ·m + a·k, with a = max(h, 0) + ω·λ₀ rebuilt in r's buffer.
     a = r_list
     torch._foreach_copy_(a, group.curvatures)
     torch._foreach_clamp_min_(a, 0.0)
-    torch._foreach_add_(a, hp.prior)
-    torch._foreach_mul_(a, keep * hp.precision_gain)
-    torch._foreach_mul_(lam, 1.0 - keep * (1.0 - hp.precision_keep))
+    if units is None:
+        torch._foreach_add_(a, hp.prior)
+        torch._foreach_mul_(a, keep * hp.precision_gain)
+        torch._foreach_mul_(lam, 1.0 - keep * (1.0 - hp.precision_keep))
+    else:  # ω·λ₀ and 1/(ω + ν) in units of each tensor's gradient scale s
+        torch._foreach_add_(a, (hp.prior * units.scale).unbind())
+        torch._foreach_mul_(a, (keeps * hp.precision_gain / units.scale).unbind())
+        torch._foreach_mul_(lam, (1.0 - keeps * (1.0 - hp.precision_keep)).unbind())
     torch._foreach_add_(lam, a)
     for p, u in zip(group.params, mu, strict=True):  # low-precision params only
         if u is not p:
@@ -550,6 +682,20 @@ def _foreach_gradient_check(grads: Sequence[Tensor], dtype: torch.dtype) -> Tens
     return torch.stack([(~torch.isfinite(peaks)).sum().to(dtype), peaks.sum()])
 
 
+def _foreach_sum_squares(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
+    """:func:`gradient_sum_squares` with one grouped 2-norm launch (‖g‖², squared after the
+    root: homogeneous in g all the same)."""
+    return torch.stack(torch._foreach_norm(list(grads), 2)).to(dtype).square()
+
+
+def gradient_statistics(group: GroupTensors, dtype: torch.dtype, relative: bool) -> Tensor:
+    """[2], or [2 + T] in relative units: :func:`gradient_check`, then each tensor's Σ g²."""
+    check = gradient_check(group.grads, dtype)
+    if not relative:
+        return check
+    return torch.cat([check, gradient_sum_squares(group.grads, dtype)])
+
+
 # ---------------------------------------------------------------------------------------------
 # The step.
 # ---------------------------------------------------------------------------------------------
@@ -564,18 +710,51 @@ def check_gradients(
     *,
     impl: str,
     reduce_fn: ReduceFn | None = None,
-) -> Tensor:
-    """[G, 2]: each group's (count of non-finite gradient tensors, gradient scale), summed
-    over shards in one reduction."""
+    relative: Sequence[bool] | None = None,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """Each group's gradient statistics, summed over shards in one reduction:
+
+    - [G, 2]: (count of non-finite gradient tensors, gradient scale Σ max|g|);
+    - per group, [T] Σ g² of each tensor in relative units (``relative[i]``), else None.
+    """
+    relative = relative if relative is not None else [False] * len(groups)
     device = groups[0].params[0].device
     if impl == "fused":
         from ._kernels.compiled import gradient_checks
 
-        checks = gradient_checks(groups, dtype)
+        flat = gradient_checks(groups, dtype, tuple(relative))
     else:
-        one = _foreach_gradient_check if impl == "foreach" else gradient_check
-        checks = torch.stack([one(g.grads, dtype).to(device) for g in groups])
-    return reduce_fn(checks) if reduce_fn is not None else checks
+        check, sum_squares = gradient_check, gradient_sum_squares
+        if impl == "foreach":
+            check, sum_squares = _foreach_gradient_check, _foreach_sum_squares
+        parts = []
+        for group, rel in zip(groups, relative, strict=True):
+            parts.append(check(group.grads, dtype).to(device))
+            if rel:
+                parts.append(sum_squares(group.grads, dtype).to(device))
+        flat = torch.cat(parts)
+    if reduce_fn is not None:
+        flat = reduce_fn(flat)
+    checks, sums, at = [], [], 0
+    for group, rel in zip(groups, relative, strict=True):
+        checks.append(flat[at : at + 2])
+        at += 2
+        n = len(group.grads) if rel else 0
+        sums.append(flat[at : at + n] if rel else None)
+        at += n
+    return torch.stack(checks), sums
+
+
+def advance_units(group: GroupTensors, sum_squares: Tensor, keep: Tensor) -> TensorUnits:
+    """Relative units: update each tensor's running mean square gradient (in place) from this
+    step's Σ g² (over all shards) and return the scales the step uses."""
+    assert group.grad_sq_avgs is not None and group.numels is not None
+    avgs = torch.stack(group.grad_sq_avgs)
+    sizes = torch.tensor(group.numels, dtype=avgs.dtype).clamp_min(1)
+    now = sum_squares.to(avgs.dtype) / sizes.to(avgs.device, non_blocking=True)
+    avgs = running_mean_square(avgs, now, torch.stack(group.steps), keep)
+    torch._foreach_copy_(group.grad_sq_avgs, list(avgs.unbind()))
+    return gradient_units(avgs)
 
 
 def arturo_step(
@@ -588,6 +767,7 @@ def arturo_step(
     newton_steps: int,
     impl: str = "single",
     reduce_fn: ReduceFn | None = None,
+    kl_per_lr: Tensor | None = None,
 ) -> StepResult:
     """One arTuRO step for several param groups, each with its own trust region.
 
@@ -603,6 +783,8 @@ def arturo_step(
         impl: ``"single"`` (per-tensor passes, eager), ``"foreach"`` or ``"fused"``
             (the per-tensor passes compiled by ``torch.compile``).
         reduce_fn: sums partial sums over shards (``None`` when not sharded).
+        kl_per_lr: [G] the KL bound of each group per unit of its ε (its number of
+            coordinates in relative units, 1 in absolute ones); ``None``: 1 for all.
 
     Every group is cancelled -- params and state bitwise unchanged, counted in ``skipped`` --
     when any gradient holds NaN or ±inf, or when any group's gradient scale jumps past its
@@ -611,7 +793,10 @@ def arturo_step(
     the measurement) when its dual sums overflow.
     """
     dtype = etas.dtype
-    checks = check_gradients(groups, dtype, impl=impl, reduce_fn=reduce_fn)
+    relative = [hp.relative for hp in hparams]
+    checks, sum_squares = check_gradients(
+        groups, dtype, impl=impl, reduce_fn=reduce_fn, relative=relative
+    )
     nonfinite, scale_now = checks[:, 0], checks[:, 1]
     threshold = torch.tensor([hp.outlier_threshold for hp in hparams], dtype=dtype)
     threshold = threshold.to(etas.device, non_blocking=True)
@@ -627,6 +812,11 @@ def arturo_step(
     )
     keep = active.to(dtype)
     eps = torch.where(active, lrs, 1.0)  # finite and > 0 in every group, active or not
+    bound = eps if kl_per_lr is None else eps * kl_per_lr
+    units = [
+        None if sq is None else advance_units(group, sq, keep[i])
+        for i, (group, sq) in enumerate(zip(groups, sum_squares, strict=True))
+    ]
 
     if impl == "fused":
         from ._kernels.compiled import fused_passes
@@ -640,7 +830,9 @@ def arturo_step(
         duals = []
         for i, (group, hp) in enumerate(zip(groups, hparams, strict=True)):
             decay = decay_factor(eps[i], hp, keep[i])
-            duals.append(_foreach_filter_and_model(group, hp, decay=decay, keep=keep[i]))
+            duals.append(
+                _foreach_filter_and_model(group, hp, decay=decay, keep=keep[i], units=units[i])
+            )
 
         def dual_sums(eta: Tensor) -> Tensor:
             return torch.stack(
@@ -650,13 +842,13 @@ def arturo_step(
                 ]
             )
     else:
-        filter_fn(groups, hparams, keep)
+        filter_fn(groups, hparams, keep, units)
 
         def dual_sums(eta: Tensor) -> Tensor:
-            return dual_fn(groups, hparams, eps, eta, keep)
+            return dual_fn(groups, hparams, eps, eta, keep, units)
 
     eta, scale, kl = solve_dual(
-        dual_sums, eps, etas, newton_steps=newton_steps, reduce_fn=reduce_fn
+        dual_sums, bound, etas, newton_steps=newton_steps, reduce_fn=reduce_fn
     )
     solved = torch.isfinite(kl) & torch.isfinite(eta) & torch.isfinite(scale)
     overflow = active & ~solved
@@ -677,9 +869,10 @@ def arturo_step(
                 step_scale=step_scale[i],
                 decay=decay_factor(eps[i], hp, step_keep[i]),
                 keep=step_keep[i],
+                units=units[i],
             )
     else:
-        apply_fn(groups, hparams, eps, eta_safe, step_scale, step_keep)
+        apply_fn(groups, hparams, eps, eta_safe, step_scale, step_keep, units)
 
     applied = step_keep > 0
     return StepResult(

@@ -52,6 +52,7 @@ class ArturoConfig:
 
     lr: float  # KL bound epsilon [kl_bound]; MultiStepLR scales it like a learning rate
     reg_weight: float  # entropy regularisation weight omega [reg_weight]
+    units: str = "absolute"  # the published semantics; "relative" is Arturo's unit-free mode
     filter_measurement_noise: float  # Kalman-filter measurement noise r [measurement_noise]
     filter_process_noise: float  # filter process (dynamic-model) noise q [dynamic_model_noise]
     weight_decay: float  # kappa [weight_decay]

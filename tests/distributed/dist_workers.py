@@ -216,13 +216,15 @@ def scenario_fsdp(outdir: Path, uneven: str = "0", foreach: str = "1") -> None:
     train(model, opt, STEPS - 1, rank=RANK, world=WORLD)
     with count_all_reduces() as calls:
         train(model, opt, 1, start=STEPS - 1, rank=RANK, world=WORLD)
-    # One all-reduce for the gradient check, then one per dual evaluation, each of a
-    # [G, 2] tensor: a few floats per call, however many tensors the model has.
-    assert calls == [2 * len(opt.param_groups)] * (opt.newton_steps + 2), calls
+    # One all-reduce for the gradient statistics ([G, 2], and in relative units one Σ g² per
+    # tensor), then one per dual evaluation of a [G, 2] tensor: a few floats per call.
+    groups = len(opt.param_groups)
+    relative = sum(len(g["params"]) for g in opt.param_groups if g["units"] == "relative")
+    assert calls == [2 * groups + relative] + [2 * groups] * (opt.newton_steps + 1), calls
     for p in model.parameters():
         assert isinstance(p, DTensor)
         for key, value in opt.state[p].items():
-            if key == "step":
+            if key in ("step", "grad_sq_avg"):  # 0-dim, the same on every rank
                 continue
             # Sharded like the parameter, in the same placement, fp32.
             assert isinstance(value, DTensor) and value.dtype == torch.float32, key

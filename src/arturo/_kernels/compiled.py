@@ -141,8 +141,15 @@ class _Pass:
         return self.fn(*args)
 
 
-def _gradient_checks(groups: tuple[F.GroupTensors, ...], dtype: torch.dtype) -> Tensor:
-    return torch.stack([F.gradient_check(group.grads, dtype) for group in groups])
+def _gradient_checks(
+    groups: tuple[F.GroupTensors, ...], dtype: torch.dtype, relative: tuple[bool, ...]
+) -> Tensor:
+    return torch.cat(
+        [
+            F.gradient_statistics(group, dtype, rel)
+            for group, rel in zip(groups, relative, strict=True)
+        ]
+    )
 
 
 class FusedPasses:
@@ -166,14 +173,20 @@ def fused_passes(device_type: str) -> FusedPasses:
     return _PASSES[device_type]
 
 
-def gradient_checks(groups: Sequence[F.GroupTensors], dtype: torch.dtype) -> Tensor:
-    """:func:`arturo.functional.gradient_check` of every group, [G, 2], compiled: on CPU the
-    eager per-tensor reductions cost more than a whole fused pass."""
+def gradient_checks(
+    groups: Sequence[F.GroupTensors], dtype: torch.dtype, relative: tuple[bool, ...]
+) -> Tensor:
+    """:func:`arturo.functional.gradient_statistics` of every group, concatenated, compiled:
+    on CPU the eager per-tensor reductions cost more than a whole fused pass."""
     groups = tuple(groups)
     device = groups[0].params[0].device
     if not any(g.numel() for group in groups for g in group.grads):
-        return torch.zeros(len(groups), 2, dtype=dtype, device=device)
-    return fused_passes(device.type).gradient_checks(groups, dtype)
+        size = sum(
+            2 + (len(group.grads) if rel else 0)
+            for group, rel in zip(groups, relative, strict=True)
+        )
+        return torch.zeros(size, dtype=dtype, device=device)
+    return fused_passes(device.type).gradient_checks(groups, dtype, relative)
 
 
 def fused_available(device: torch.device) -> bool:

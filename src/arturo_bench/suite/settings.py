@@ -1,7 +1,7 @@
 """The transfer suite's optimizers and their settings, declared in one place.
 
-- ``arturo``: ``arturo.Arturo``'s own constructor defaults, read from its signature so that
-  they cannot drift from the library;
+- ``arturo``: ``arturo.Arturo``'s defaults in absolute units (the published settings), read
+  from the library's presets and signature so that they cannot drift from it;
 - ``adamw``: torch's defaults (lr 1e-3, betas 0.9/0.999, weight_decay 1e-2): the settings
   every workload's ``target`` was measured with, so they score 1 on the normalised scale;
 - ``adam``: torch's defaults (lr 1e-3, betas 0.9/0.999, no weight decay);
@@ -70,14 +70,19 @@ UNSUPPORTED = {
 }
 
 
-def arturo_defaults() -> ArturoConfig:
-    """An ArturoConfig holding ``Arturo``'s constructor defaults for every field it passes."""
+def arturo_defaults(units: str = "absolute") -> ArturoConfig:
+    """An ArturoConfig holding ``Arturo``'s defaults in ``units`` for every field it passes:
+    the hyperparameters of that mode's preset, the constructor's defaults for the rest."""
     from arturo import Arturo
+    from arturo.optimizer import PRESETS
 
     params = inspect.signature(Arturo).parameters
-    values = {}
+    values: dict[str, Any] = {"units": units}
     for f in dataclasses.fields(ArturoConfig):
-        if f.name in ArturoConfig.harness_fields:
+        if f.name in ArturoConfig.harness_fields or f.name in values:
+            continue
+        if f.name in PRESETS[units]:
+            values[f.name] = PRESETS[units][f.name]
             continue
         param = params.get(f.name)
         if param is None or param.default is inspect.Parameter.empty:
