@@ -33,6 +33,9 @@ PARAM_STATE_KEYS = (
     STATE_COV_HH,
     STATE_PRECISION,
 )
+# Relative units only: 0-dim running mean of the gradient's mean square (the tensor's scale²).
+STATE_GRAD_SQ_AVG = "grad_sq_avg"
+RELATIVE_STATE_KEYS = (*PARAM_STATE_KEYS, STATE_GRAD_SQ_AVG)
 
 # Per-group state, kept as 0-dim tensors in the param group itself so that state_dict()
 # carries it next to the group's hyperparameters (and DCP saves it once, not per rank).
@@ -49,6 +52,7 @@ GROUP_STATE_DTYPES = {
 
 # Each param group's hyperparameters (the keys of ``Arturo.defaults``).
 HYPERPARAMETERS = (
+    "units",
     "lr",
     "weight_decay",
     "reg_weight",
@@ -69,12 +73,45 @@ OPTIMIZER_OPTIONS = ("foreach", "fused", "newton_steps", "nonfinite")
 #: Version of the layout of ``state_dict()``; :func:`upgrade_state_dict` brings older ones
 #: up to date. 1: before the version key existed. 2: adds the group's ``grad_scale`` and
 #: ``outlier_threshold``; implementation options are no longer stored in param groups.
+#: 3: adds the group's ``units``; everything older was written in absolute units.
 STATE_FORMAT_KEY = "arturo_state_format"
-STATE_FORMAT = 2
+STATE_FORMAT = 3
 
-# The published Fashion-MNIST hyperparameters (docs/published.md), at the full precision of
-# the paper's code.
-DEFAULT_LR = 0.08567456308209788
+UNITS = ("relative", "absolute")
+
+#: The default hyperparameters of each mode of units (docs/defaults.md). ``"absolute"``: the
+#: published Fashion-MNIST CNN values (docs/published.md), at the full precision of the paper's
+#: code. ``"relative"``: ε per coordinate, and ω, ν, h₀ in units of each tensor's gradient scale.
+PRESETS: dict[str, dict[str, Any]] = {
+    "absolute": {
+        "lr": 0.08567456308209788,
+        "weight_decay": 1.5403963328610538e-06,
+        "reg_weight": 0.05865661620286048,
+        "prior_precision": 0.0015,
+        "init_variance": 0.01,
+        "precision_inertia": 1.3,
+        "filter_init_cov": 5e-05,
+        "filter_process_noise": 0.017392958232048346,
+        "filter_measurement_noise": 2.8167911612651997,
+        "init_curvature": 0.1,
+        "outlier_threshold": 100.0,
+    },
+    "relative": {
+        "lr": 2.2e-07,
+        "weight_decay": 0.6,
+        "reg_weight": 11.7,
+        "prior_precision": 0.0015,
+        "init_variance": 0.01,
+        "precision_inertia": 260.0,
+        "filter_init_cov": 5e-05,
+        "filter_process_noise": 0.017392958232048346,
+        "filter_measurement_noise": 2.8167911612651997,
+        "init_curvature": 20.0,
+        "outlier_threshold": 100.0,
+    },
+}
+DEFAULT_UNITS = "absolute"  # until the relative mode's defaults are chosen on the suite
+DEFAULT_LR = PRESETS[DEFAULT_UNITS]["lr"]
 
 
 class SparseGradientError(RuntimeError):
@@ -117,6 +154,7 @@ def _validate_hyperparams(group: dict[str, Any]) -> None:
     Runs when a group is added and at every ``step()``, since schedulers and users may change
     a group's values at any time. A tensor ``lr`` is checked on the device by the step itself.
     """
+    _check("units", group["units"], group["units"] in UNITS, f"one of {UNITS}")
     lr = group["lr"]
     if isinstance(lr, Tensor):
         _check("lr", lr, lr.numel() == 1 and not lr.requires_grad, "a 1-element tensor")
@@ -207,6 +245,8 @@ def upgrade_state_dict(state_dict: dict[str, Any], defaults: dict[str, Any]) -> 
         for key in ("foreach", "fused", "newton_steps"):
             group.pop(key, None)
         group.setdefault("outlier_threshold", defaults["outlier_threshold"])
+        # 2 -> 3: relative units are new; every older checkpoint was written in absolute ones.
+        group.setdefault("units", "absolute")
         for key, dtype in GROUP_STATE_DTYPES.items():
             group.setdefault(key, torch.zeros((), dtype=dtype))
         groups.append(group)
@@ -308,24 +348,26 @@ class Arturo(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = DEFAULT_LR,
+        lr: float | Tensor | None = None,
         *,
-        weight_decay: float = 1.5403963328610538e-06,
-        reg_weight: float = 0.05865661620286048,
-        prior_precision: float = 0.0015,
-        init_variance: float = 0.01,
-        precision_inertia: float = 1.3,
-        filter_init_cov: float = 5e-05,
-        filter_process_noise: float = 0.017392958232048346,
-        filter_measurement_noise: float = 2.8167911612651997,
-        init_curvature: float = 0.1,
-        outlier_threshold: float = 100.0,
+        units: Literal["relative", "absolute"] = DEFAULT_UNITS,
+        weight_decay: float | None = None,
+        reg_weight: float | None = None,
+        prior_precision: float | None = None,
+        init_variance: float | None = None,
+        precision_inertia: float | None = None,
+        filter_init_cov: float | None = None,
+        filter_process_noise: float | None = None,
+        filter_measurement_noise: float | None = None,
+        init_curvature: float | None = None,
+        outlier_threshold: float | None = None,
         newton_steps: int = 3,
         nonfinite: Literal["skip", "raise"] = "skip",
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
         _check("nonfinite", nonfinite, nonfinite in ("skip", "raise"), 'use "skip" or "raise"')
+        _check("units", units, units in UNITS, f"one of {UNITS}")
         _check(
             "newton_steps",
             newton_steps,
@@ -350,7 +392,10 @@ class Arturo(Optimizer):
         self.foreach = foreach
         self.fused = fused
         arguments = locals()  # the defaults are exactly the hyperparameter arguments
-        defaults = {name: arguments[name] for name in HYPERPARAMETERS}
+        defaults = {**PRESETS[units], "units": units}
+        defaults.update(
+            {k: arguments[k] for k in HYPERPARAMETERS if k != "units" and arguments[k] is not None}
+        )
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------------------------------
@@ -374,6 +419,10 @@ class Arturo(Optimizer):
                 del group[key]
         for key in GROUP_STATE_DTYPES:
             group.pop(key, None)  # this optimizer's state, never the caller's
+        units = group.get("units", self.defaults["units"])
+        if units != self.defaults["units"] and units in PRESETS:
+            # A group in other units than the optimizer's: its defaults are that mode's.
+            group = {**PRESETS[units], **group}
         super().add_param_group(group)
         group = self.param_groups[-1]
         try:
@@ -478,11 +527,16 @@ class Arturo(Optimizer):
         state[STATE_COV_BH] = torch.zeros_like(real, dtype=dtype)
         state[STATE_COV_HH] = torch.full_like(real, p0, dtype=dtype)
         state[STATE_PRECISION] = torch.full_like(real, 1.0 / group["init_variance"], dtype=dtype)
+        if group["units"] == "relative":
+            state[STATE_GRAD_SQ_AVG] = torch.zeros((), dtype=dtype, device=p.device)
         return state
 
     def _collect_group(self, group: dict[str, Any]) -> F.GroupTensors | None:
         """The group's parameters that have a gradient, with their (lazily created) state."""
-        lists: tuple[list[Tensor], ...] = tuple([] for _ in F.GroupTensors._fields)
+        lists: tuple[list[Tensor], ...] = tuple([] for _ in range(9))
+        relative = group["units"] == "relative"
+        grad_sq_avgs: list[Tensor] = []
+        numels: list[int] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -508,9 +562,14 @@ class Arturo(Optimizer):
                 strict=True,
             ):
                 lst.append(t)
+            if relative:
+                grad_sq_avgs.append(state[STATE_GRAD_SQ_AVG])
+                numels.append(real.numel() if p.is_complex() else p.numel())  # all shards
         if not lists[0]:
             return None
-        return F.GroupTensors(*lists)
+        if not relative:
+            return F.GroupTensors(*lists)
+        return F.GroupTensors(*lists, grad_sq_avgs=grad_sq_avgs, numels=tuple(numels))
 
     @staticmethod
     def _hyperparams(group: dict[str, Any]) -> F.GroupHyperparams:
@@ -522,7 +581,17 @@ class Arturo(Optimizer):
             filter_process_noise=group["filter_process_noise"],
             filter_measurement_noise=group["filter_measurement_noise"],
             outlier_threshold=float(group["outlier_threshold"]),
+            relative=group["units"] == "relative",
         )
+
+    @staticmethod
+    def _kl_per_lr(group: dict[str, Any]) -> float:
+        """The group's KL bound per unit of its ``lr``: in relative units ε is a budget per
+        coordinate, so the group's bound is ε times its number of coordinates (over all
+        shards; every parameter of the group counts, with a gradient this step or not)."""
+        if group["units"] != "relative":
+            return 1.0
+        return float(sum(p.numel() * (2 if p.is_complex() else 1) for p in group["params"]))
 
     # ----------------------------------------------------------------------------------------
     # The step
@@ -569,16 +638,21 @@ class Arturo(Optimizer):
             return torch.stack(values).to(device, non_blocking=True)
 
         if self.nonfinite == "raise":  # syncs, by the user's choice
-            checks = F.check_gradients(tensors, solve_dtype, impl=impl, reduce_fn=reduce_fn)
+            checks, _ = F.check_gradients(tensors, solve_dtype, impl=impl, reduce_fn=reduce_fn)
             if bool((checks[:, 0] > 0).any()):
                 raise NonFiniteGradientError(
                     "a gradient holds NaN or inf; nothing was changed. Pass nonfinite='skip' "
                     "to skip such steps instead"
                 )
+        # Relative units: ε is per coordinate, so a group's KL bound is ε times its size.
+        kl_per_lr = torch.tensor([self._kl_per_lr(g) for g in active], dtype=solve_dtype).to(
+            device, non_blocking=True
+        )
         result = F.arturo_step(
             tensors,
             [self._hyperparams(g) for g in active],
             lrs=group_tensor("lr"),
+            kl_per_lr=kl_per_lr,
             etas=group_tensor(GROUP_ETA),
             grad_scales=group_tensor(GROUP_GRAD_SCALE),
             newton_steps=self.newton_steps,
@@ -637,17 +711,18 @@ class Arturo(Optimizer):
                 if not entry:
                     continue  # a parameter that never had a gradient
                 where = f"state of parameter {saved_id} (group {gi}, shape {tuple(p.shape)})"
-                if sorted(entry) != sorted(PARAM_STATE_KEYS):
+                keys = RELATIVE_STATE_KEYS if saved["units"] == "relative" else PARAM_STATE_KEYS
+                if sorted(entry) != sorted(keys):
                     raise ValueError(
-                        f"{where} has keys {sorted(entry)}, arTuRO's are "
-                        f"{sorted(PARAM_STATE_KEYS)}: not an arTuRO state"
+                        f"{where} has keys {sorted(entry)}, arTuRO's in {saved['units']} units "
+                        f"are {sorted(keys)}: not an arTuRO state of this mode"
                     )
                 shape = tuple(torch.view_as_real(p).shape) if p.is_complex() else tuple(p.shape)
-                for key in PARAM_STATE_KEYS:
+                for key in keys:
                     value = entry[key]
                     if not isinstance(value, Tensor) or not value.is_floating_point():
                         raise ValueError(f"{where}: {key!r} must be a floating-point tensor")
-                    expected = () if key == STATE_STEP else shape
+                    expected = () if key in (STATE_STEP, STATE_GRAD_SQ_AVG) else shape
                     if tuple(value.shape) != expected:
                         raise ValueError(
                             f"{where}: {key!r} has shape {tuple(value.shape)}, expected "
@@ -692,7 +767,7 @@ class Arturo(Optimizer):
             {
                 "eta": float(group[GROUP_ETA]),
                 "kl": float(group[GROUP_KL]),
-                "kl_bound": float(group["lr"]),
+                "kl_bound": float(group["lr"]) * self._kl_per_lr(group),
                 "skipped_steps": int(group[GROUP_SKIPPED]),
             }
             for group in self.param_groups
