@@ -7,7 +7,7 @@ if [ -z "${VIRTUAL_ENV:-}" ]; then
   [ -d .venv ] || python3 -m venv .venv
   . .venv/bin/activate
 fi
-python -m pip install -q -c constraints.txt -e ".[dev,bench]"
-ruff check src tests benchmarks
-ruff format --check src tests benchmarks
+python -m pip install -q -c constraints.txt -e ".[dev,bench,integrations]"
+ruff check src tests benchmarks examples
+ruff format --check src tests benchmarks examples
 python -m pytest -q "$@"
