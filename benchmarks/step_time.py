@@ -121,8 +121,10 @@ def _sgd(params: list[Tensor]) -> torch.optim.Optimizer:
 
 
 OPTIMIZERS: dict[str, Callable[[list[Tensor]], torch.optim.Optimizer]] = {
-    "arturo (foreach)": lambda p: Arturo(p, foreach=True, fused=False),
-    "arturo (fused)": lambda p: Arturo(p, fused=True),
+    "arturo (foreach)": lambda p: Arturo(p, units="absolute", foreach=True, fused=False),
+    "arturo (fused)": lambda p: Arturo(p, units="absolute", fused=True),
+    "arturo (foreach, relative)": lambda p: Arturo(p, units="relative", foreach=True),
+    "arturo (fused, relative)": lambda p: Arturo(p, units="relative", fused=True),
     "Adam (foreach)": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
     "AdamW (fused)": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
     "SGD+momentum": _sgd,
