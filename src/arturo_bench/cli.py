@@ -159,7 +159,12 @@ def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
         metavar="WORKLOAD",
         help="instead of WORKLOAD: one configuration for all of these (mean normalised score)",
     )
-    tune.add_argument("--optimizer", required=True, help="arturo, adam, adamw or sgd")
+    tune.add_argument(
+        "--optimizer",
+        required=True,
+        help="arturo (published, absolute units), arturo-relative (unit-free mode), adam, "
+        "adamw or sgd",
+    )
     tune.add_argument(
         "--trials", type=int, default=20, help="finished trials to add to the study (default: 20)"
     )
@@ -227,6 +232,10 @@ def _cmd_list() -> int:
     except ImportError:
         ivon_note = "not installed: pip install -e '.[ivon]'"
     print("\noptimizers: arturo, adam (weight_decay not applied, as published), adamw, sgd")
+    print(
+        "unpublished: arturo-relative (arTuRO's unit-free mode at the library's preset for it; "
+        "`arturo` stays the published, absolute-units settings)"
+    )
     print(f"optional peer: ivon (IVON, ivon-opt; {ivon_note})")
     print(
         f"\nquick mode (--quick): {QUICK['experiment']} on {QUICK['train_subset']} train / "

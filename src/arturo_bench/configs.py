@@ -5,6 +5,11 @@ Every value can be overridden from the command line with ``--set KEY=VALUE``:
 - ``--set epochs=40`` or ``--set milestones=20,30`` change the experiment;
 - ``--set arturo.lr=0.05`` or ``--set sgd.momentum=0.9`` change one optimizer.
 
+``arturo`` is arTuRO with the published settings, in absolute units; ``arturo-relative`` is
+the same optimizer in its unit-free (relative-units) mode, at the library's preset for it. A
+name always means one mode: validation refuses an ``arturo`` config with relative units and
+an ``arturo-relative`` one with absolute units, so results under one name stay comparable.
+
 The published values are transcribed at full precision from the paper's code (docs/published.md
 lists them, rounded). The code holds them, so an installed package needs no data files;
 ``arturo-bench show EXPERIMENT`` prints any of them.
@@ -16,6 +21,7 @@ stops a run before it starts, with the field and its rule in the message.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 import types
@@ -33,12 +39,15 @@ __all__ = [
     "ExperimentConfig",
     "EXPERIMENTS",
     "OPTIMIZERS",
+    "ARTURO_UNITS",
     "QUICK",
+    "arturo_defaults",
     "get_experiment",
     "apply_overrides",
     "scale_epochs",
     "validate_experiment",
     "with_defaults",
+    "optimizer_fields_with_defaults",
     "to_dict",
 ]
 
@@ -130,9 +139,43 @@ class IVONConfig:
 OptimizerConfig = ArturoConfig | AdamConfig | AdamWConfig | SGDConfig | IVONConfig
 OPTIMIZERS: dict[str, type] = {
     "arturo": ArturoConfig,
+    "arturo-relative": ArturoConfig,
     "adam": AdamConfig,
     "adamw": AdamWConfig,
     "sgd": SGDConfig,
+    "ivon": IVONConfig,
+}
+
+# The units each arTuRO name means (ArturoConfig.units); validate_optimizer enforces them.
+ARTURO_UNITS: dict[str, str] = {"arturo": "absolute", "arturo-relative": "relative"}
+
+
+def arturo_defaults(units: str = "absolute") -> ArturoConfig:
+    """An ArturoConfig holding ``Arturo``'s defaults in ``units`` for every field it passes:
+    the hyperparameters of that mode's preset, the constructor's defaults for the rest, so
+    that they cannot drift from the library."""
+    from arturo import Arturo
+    from arturo.optimizer import PRESETS
+
+    params = inspect.signature(Arturo).parameters
+    values: dict[str, Any] = {"units": units}
+    for f in dataclasses.fields(ArturoConfig):
+        if f.name in ArturoConfig.harness_fields or f.name in values:
+            continue
+        if f.name in PRESETS[units]:
+            values[f.name] = PRESETS[units][f.name]
+            continue
+        param = params.get(f.name)
+        if param is None or param.default is inspect.Parameter.empty:
+            raise TypeError(f"ArturoConfig.{f.name} has no default in Arturo's signature")
+        values[f.name] = param.default
+    return ArturoConfig(**values)
+
+
+# Optimizers without a published row in the experiments: `run` builds them on demand (from
+# ``--optimizers`` or a ``--set NAME.KEY=VALUE``) at their own defaults.
+UNPUBLISHED: dict[str, Callable[[], Any]] = {
+    "arturo-relative": lambda: arturo_defaults("relative"),
     "ivon": IVONConfig,
 }
 
@@ -414,7 +457,8 @@ def _set_field(obj: Any, attr: str, text: str, key: str) -> Any:
 def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply ``KEY=VALUE`` strings: ``epochs=40``, ``milestones=20,30``, ``arturo.lr=0.05``.
 
-    ``ivon.*`` keys create the IVON config on demand, since it is not a published row."""
+    Keys of an unpublished optimizer (``ivon.*``, ``arturo-relative.*``) create its config on
+    demand. The optimizer name is everything before the first dot (names may hold dashes)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -424,12 +468,12 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentCo
             opt_name, attr = key.split(".", 1)
             optimizers = dict(exp.optimizers)
             if opt_name not in optimizers:
-                if opt_name != "ivon":
+                if opt_name not in UNPUBLISHED:
                     raise ValueError(
                         f"--set {key}: experiment {exp.name!r} has no optimizer {opt_name!r}; "
-                        f"choose one of {sorted(optimizers)} or ivon"
+                        f"choose one of {sorted(optimizers)} or {' '.join(UNPUBLISHED)}"
                     )
-                optimizers[opt_name] = IVONConfig()
+                optimizers[opt_name] = UNPUBLISHED[opt_name]()
             optimizers[opt_name] = _set_field(optimizers[opt_name], attr, value, key)
             exp = dataclasses.replace(exp, optimizers=optimizers)
         else:
@@ -439,13 +483,17 @@ def apply_overrides(exp: ExperimentConfig, overrides: list[str]) -> ExperimentCo
 
 
 def optimizer_config(exp: ExperimentConfig, name: str) -> Any:
-    """The config of one optimizer for this experiment (IVON's defaults if not set)."""
+    """The config of one optimizer for this experiment (an unpublished optimizer's defaults
+    if not set)."""
     if name in exp.optimizers:
         return exp.optimizers[name]
-    if name == "ivon":
-        return IVONConfig()
+    if name in UNPUBLISHED:
+        cfg = UNPUBLISHED[name]()
+        validate_optimizer(name, cfg)
+        return cfg
     raise ValueError(
-        f"unknown optimizer {name!r} for {exp.name}; choose from {sorted(exp.optimizers)} or ivon"
+        f"unknown optimizer {name!r} for {exp.name}; choose from {sorted(exp.optimizers)} or "
+        + " ".join(UNPUBLISHED)
     )
 
 
@@ -595,7 +643,19 @@ def validate_optimizer(name: str, cfg: Any) -> None:
         raise ValueError(f"optimizer {name!r} needs a {expected.__name__}, got {cfg!r}")
     _check_fields(cfg, _OPTIMIZER_RULES[expected], f"{name}.")
     if isinstance(cfg, ArturoConfig):
+        _check_arturo_units(name, cfg)
         _check_arturo(cfg)
+
+
+def _check_arturo_units(name: str, cfg: ArturoConfig) -> None:
+    """One name, one mode: results filed under ``arturo`` (the published, absolute settings)
+    must never silently be relative-units runs, nor the reverse."""
+    units = ARTURO_UNITS[name]
+    if cfg.units == units:
+        return
+    name_for = {u: n for n, u in ARTURO_UNITS.items()}
+    hint = f"; use the name {name_for[cfg.units]!r} for that mode" if cfg.units in name_for else ""
+    raise ValueError(f"{name}.units must be {units!r}, got {cfg.units!r}{hint}")
 
 
 def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
@@ -604,10 +664,26 @@ def with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
     config must default to what the harness did before it existed, so that old runs resume,
     and are grouped in reports, as before."""
     completed = _fill_defaults(saved, ExperimentConfig)
-    optimizer = OPTIMIZERS.get(saved.get("optimizer", ""))
-    if optimizer is not None and isinstance(saved.get("optimizer_config"), dict):
-        completed["optimizer_config"] = _fill_defaults(saved["optimizer_config"], optimizer)
+    if isinstance(saved.get("optimizer_config"), dict):
+        name = saved.get("optimizer", "")
+        completed["optimizer_config"] = optimizer_fields_with_defaults(
+            name, saved["optimizer_config"]
+        )
     return completed
+
+
+def optimizer_fields_with_defaults(name: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """The fields of optimizer ``name``'s config as an older harness saved them, completed
+    with the fields added since (:func:`with_defaults`'s rule). An arTuRO config takes the
+    units its name means: "absolute" for ``arturo``, as every run made before ``units``
+    existed was. An unknown name is returned as saved."""
+    optimizer = OPTIMIZERS.get(name)
+    if optimizer is None:
+        return dict(saved)
+    filled = dict(saved)
+    if name in ARTURO_UNITS:
+        filled.setdefault("units", ARTURO_UNITS[name])
+    return _fill_defaults(filled, optimizer)
 
 
 def _fill_defaults(saved: dict[str, Any], cls: type) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
 
 
 def _opt_order(name: str) -> tuple[int, str]:
-    order = ["arturo", "adam", "adamw", "sgd", "ivon"]
+    order = ["arturo", "arturo-relative", "adam", "adamw", "sgd", "ivon"]
     return (order.index(name) if name in order else len(order), name)
 
 

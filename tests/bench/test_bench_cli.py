@@ -200,6 +200,28 @@ def test_ivon_peer(tmp_path: Path, fmnist_dir: Path, capsys: pytest.CaptureFixtu
     assert row["steps"] == 2
 
 
+def test_run_arturo_relative(
+    tmp_path: Path, fmnist_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No published row: ``run`` trains the library's relative-units preset under its name,
+    and refuses to file absolute units under it."""
+    from arturo.optimizer import PRESETS
+
+    args = ["--data-dir", str(fmnist_dir), "--out", str(tmp_path), "--epochs", "1"]
+    assert run(*args, "--optimizers", "arturo-relative") == 0
+    (row,) = metrics(tmp_path, "arturo-relative")
+    assert row["steps"] == 2
+    saved = RunStore(tmp_path / "fmnist_cnn" / "arturo-relative" / "seed0").config()
+    assert saved["optimizer_config"]["units"] == "relative"
+    assert saved["optimizer_config"]["lr"] == PRESETS["relative"]["lr"]
+    capsys.readouterr()
+    other = ["--data-dir", str(fmnist_dir), "--out", str(tmp_path / "refused"), "--epochs", "1"]
+    refused = ["--optimizers", "arturo-relative", "--set", "arturo-relative.units=absolute"]
+    assert run(*other, *refused) == 2
+    assert "arturo-relative.units must be 'relative'" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_report_on_fixture_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Runs written by hand (3 seeds x 2 optimizers), then the report's table and PNGs."""
     runs = tmp_path / "runs"
@@ -262,6 +284,7 @@ def test_console_script_lists_experiments() -> None:
         [sys.executable, "-m", "arturo_bench", "list"], capture_output=True, text=True, check=True
     )
     assert "fmnist_cnn" in res.stdout and "cifar100_resnet34" in res.stdout
+    assert "arturo-relative" in res.stdout  # the unit-free mode, among the optimizers
 
 
 def test_show_prints_resolved_config(capsys: pytest.CaptureFixture) -> None:

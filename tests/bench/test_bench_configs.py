@@ -76,9 +76,9 @@ def _every_field() -> list[tuple[str, str]]:
 def test_every_field_is_validated(optimizer: str, field: str) -> None:
     """NaN is wrong for every field (a number, a flag, a name, a list): each must be refused
     with an error that names the field, so no field can be added without a rule."""
-    exp = C.apply_overrides(C.get_experiment("fmnist_cnn"), ["ivon.lr=0.1"])
-    if optimizer:
-        bad = dataclasses.replace(exp.optimizers[optimizer], **{field: float("nan")})
+    exp = C.get_experiment("fmnist_cnn")
+    if optimizer:  # optimizer_config: the unpublished ones (ivon, arturo-relative) too
+        bad = dataclasses.replace(C.optimizer_config(exp, optimizer), **{field: float("nan")})
         exp = dataclasses.replace(exp, optimizers={**exp.optimizers, optimizer: bad})
     else:
         exp = dataclasses.replace(exp, **{field: float("nan")})
@@ -116,6 +116,47 @@ def test_older_run_configs_take_the_defaults_of_newer_fields() -> None:
     assert filled["optimizer_config"] == {"lr": 0.1, **_arturo_defaults()}
     assert filled["stats_every"] == C.ExperimentConfig.__dataclass_fields__["stats_every"].default
     assert saved == {"name": "fmnist_cnn", "optimizer": "arturo", "optimizer_config": {"lr": 0.1}}
+
+
+def test_a_name_means_one_mode_of_units() -> None:
+    """``arturo`` is always the published (absolute-units) arTuRO and ``arturo-relative``
+    always the unit-free mode: a config of the other mode under a name is refused."""
+    assert C.OPTIMIZERS["arturo-relative"] is C.ArturoConfig
+    relative = C.arturo_defaults("relative")
+    C.validate_optimizer("arturo-relative", relative)
+    with pytest.raises(ValueError, match=r"arturo-relative\.units must be 'relative'.*'arturo'"):
+        C.validate_optimizer("arturo-relative", dataclasses.replace(relative, units="absolute"))
+    with pytest.raises(ValueError, match=r"arturo\.units must be 'absolute'.*'arturo-relative'"):
+        C.validate_optimizer("arturo", dataclasses.replace(C.arturo_defaults(), units="relative"))
+    exp = C.get_experiment("fmnist_cnn")
+    with pytest.raises(ValueError, match=r"arturo\.units must be 'absolute'"):
+        C.apply_overrides(exp, ["arturo.units=relative"])
+    # The optimizer name is what comes before the first dot, dashes and all.
+    with pytest.raises(ValueError, match=r"arturo-relative\.units must be 'relative'"):
+        C.apply_overrides(exp, ["arturo-relative.units=absolute"])
+    assert C.apply_overrides(exp, ["arturo-relative.lr=1e-6"]).optimizers["arturo-relative"] == (
+        dataclasses.replace(relative, lr=1e-6)
+    )
+
+
+def test_run_builds_arturo_relative_on_demand_at_the_relative_preset() -> None:
+    """It has no published row: ``run`` takes the library's relative preset, as for ivon."""
+    exp = C.get_experiment("fmnist_cnn")
+    assert "arturo-relative" not in exp.optimizers
+    cfg = C.optimizer_config(exp, "arturo-relative")
+    assert cfg == C.arturo_defaults("relative") and cfg.units == "relative"
+    opt = build_optimizer(cfg, [torch.zeros(2, requires_grad=True)], num_train=10)
+    assert opt.param_groups[0]["units"] == "relative"
+    assert opt.param_groups[0]["lr"] == cfg.lr
+
+
+def test_saved_configs_take_the_units_their_name_means() -> None:
+    """Runs saved before ``units`` existed were absolute, the field's default."""
+    for name, units in (("arturo", "absolute"), ("arturo-relative", "relative")):
+        saved = {"name": "fmnist_cnn", "optimizer": name, "optimizer_config": {"lr": 0.1}}
+        assert C.with_defaults(saved)["optimizer_config"]["units"] == units
+    kept = {"optimizer": "arturo", "optimizer_config": {"units": "relative"}}
+    assert C.with_defaults(kept)["optimizer_config"]["units"] == "relative"  # never rewritten
 
 
 def _arturo_defaults() -> dict:

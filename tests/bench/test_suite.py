@@ -15,7 +15,7 @@ from benchdata import make_fmnist
 
 import arturo_bench.suite.runner as runner_mod
 from arturo import Arturo
-from arturo.optimizer import HYPERPARAMETERS
+from arturo.optimizer import HYPERPARAMETERS, PRESETS
 from arturo_bench.cli import main
 from arturo_bench.configs import AdamWConfig
 from arturo_bench.suite import (
@@ -26,7 +26,7 @@ from arturo_bench.suite import (
 )
 from arturo_bench.suite.report import SuiteData, render_markdown, run_result
 from arturo_bench.suite.runner import plan_suite
-from arturo_bench.suite.settings import TunedSettingsUnavailable
+from arturo_bench.suite.settings import TunedSettingsUnavailable, parse_overrides
 from arturo_bench.suite.tables import RunResult, cell, median_steps, performance_profile, winners
 from arturo_bench.workloads import get_workload
 
@@ -72,6 +72,22 @@ def test_arturo_defaults_are_the_constructors() -> None:
             assert kwargs[name] == built[name], name
 
 
+def test_each_arturo_name_holds_its_modes_preset() -> None:
+    """``arturo`` stays the published settings in absolute units; ``arturo-relative`` is the
+    library's relative-units preset, field for field."""
+    for name, units in (("arturo", "absolute"), ("arturo-relative", "relative")):
+        resolved = resolve_optimizer(parse_optimizer(name), "diabetes_regression", quick=True)
+        cfg = resolved.config
+        assert cfg == SUITE_DEFAULTS[name]() == arturo_defaults(units)
+        assert cfg.units == units
+        assert {k: getattr(cfg, k) for k in PRESETS[units]} == PRESETS[units]
+    relative = parse_optimizer("arturo-relative")
+    with pytest.raises(ValueError, match=r"arturo-relative\.units must be 'relative'"):
+        resolve_optimizer(
+            relative, "diabetes_regression", quick=True, overrides=[("units", "absolute", "k")]
+        )
+
+
 def test_torch_defaults_are_torchs() -> None:
     """The AdamW default defines each workload's target (normalised score 1)."""
     p = [torch.zeros(1, requires_grad=True)]
@@ -96,6 +112,15 @@ def test_set_overrides_one_label_and_refuses_the_rest() -> None:
     assert configs["adamw"].lr == 3e-3 and configs["adamw"].weight_decay == 1e-2
     assert configs["arturo"].reg_weight == 0.5
     assert configs["arturo"].lr == arturo_defaults().lr
+    # Names with a dash: the label is what comes before the first dot.
+    relative = [parse_optimizer("arturo"), parse_optimizer("arturo-relative:tuned-quick")]
+    grouped = parse_overrides(["arturo-relative:tuned-quick.lr=1e-6", "arturo.lr=0.01"], relative)
+    assert grouped == {
+        "arturo-relative:tuned-quick": [("lr", "1e-6", "arturo-relative:tuned-quick.lr")],
+        "arturo": [("lr", "0.01", "arturo.lr")],
+    }
+    with pytest.raises(ValueError, match=r"arturo\.units must be 'absolute'"):
+        plan_suite(workloads, specs, [0], quick=True, overrides=["arturo.units=relative"])
     for bad, words in (
         ("sgd.lr=0.1", "not among --optimizers"),
         ("adamw.gamma=0.5", "warmup-cosine"),
@@ -113,6 +138,12 @@ def test_tuned_names_parse() -> None:
     assert (plain.tuned, plain.label, plain.dirname) == (False, "adamw", "adamw")
     assert (tuned.tuned, tuned.label, tuned.dirname) == (True, "adamw:tuned", "adamw-tuned")
     assert parse_optimizer("arturo:tuned").name == "arturo"
+    relative = parse_optimizer("arturo-relative:tuned-quick")
+    assert (relative.name, relative.label, relative.dirname) == (
+        "arturo-relative",
+        "arturo-relative:tuned-quick",
+        "arturo-relative-tuned-quick",
+    )
     quick = parse_optimizer("adamw:tuned-quick")
     assert (quick.tuned, quick.tuned_quick, quick.label, quick.dirname) == (
         True,
@@ -354,6 +385,45 @@ def test_suite_end_to_end_skip_and_conflict(
     assert "use another --out" in capsys.readouterr().err
 
 
+def test_suite_runs_arturo_relative_end_to_end(
+    tmp_path: Path, tiny_fmnist: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "suite"
+    args = ["suite", "--out", str(out), "--data-dir", str(tiny_fmnist), "--no-progress"]
+    args += ["--workloads", "diabetes_regression", "--optimizers", "arturo-relative"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert "1 runs trained, 0 skipped" in capsys.readouterr().out
+    run = out / "diabetes_regression/arturo-relative/seed0"
+    assert [r["step"] for r in json.loads((run / "history.json").read_text())] == [2]
+    config = json.loads((run / "config.json").read_text())
+    assert config["optimizer"] == "arturo-relative"
+    assert config["hyperparameters"]["units"] == "relative"
+    assert config["hyperparameters"]["lr"] == PRESETS["relative"]["lr"]
+    assert "| workload | metric | arturo-relative |" in (out / "suite.md").read_text()
+
+
+def test_arturo_runs_recorded_before_units_existed_are_absolute(
+    tmp_path: Path, tiny_fmnist: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A finished ``arturo`` run whose config.json has no ``units`` (an older harness) holds
+    the settings of today's ``arturo``: a re-run skips it rather than refusing it."""
+    out = tmp_path / "suite"
+    args = ["suite", "--out", str(out), "--data-dir", str(tiny_fmnist), "--no-progress"]
+    args += ["--workloads", "diabetes_regression", "--optimizers", "arturo", "--steps", "2"]
+    assert main(args) == 0
+    config_path = out / "diabetes_regression/arturo/seed0/config.json"
+    config = json.loads(config_path.read_text())
+    del config["hyperparameters"]["units"]
+    config_path.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 of 1 runs already finished: skipped" in capsys.readouterr().out
+    config["hyperparameters"]["units"] = "relative"  # not what `arturo` means: refused
+    config_path.write_text(json.dumps(config))
+    assert main(args) == 2
+    assert "hyperparameters.units" in capsys.readouterr().err
+
+
 def test_unfinished_run_restarts_and_report_only(
     tmp_path: Path,
     tiny_fmnist: Path,
@@ -393,3 +463,5 @@ def test_list_shows_the_suite_workloads(capsys: pytest.CaptureFixture) -> None:
         w = get_workload(name)
         assert w.family in line and w.metric.name in line
         assert str(w.steps) in line and str(w.quick_steps) in line
+    suite_optimizers = next(x for x in suite_part.splitlines() if "suite optimizers" in x)
+    assert "arturo, arturo-relative," in suite_optimizers

@@ -58,7 +58,7 @@ def load(url: str, name: str = "diabetes_regression-adamw-quick") -> optuna.Stud
 # ----------------------------------------------------------------------------- search spaces
 def test_packaged_search_spaces() -> None:
     spaces = load_search_spaces()
-    assert set(spaces) == {"adamw", "adam", "sgd", "arturo"}
+    assert set(spaces) == {"adamw", "adam", "sgd", "arturo", "arturo-relative"}
     adamw = {d.name: d for d in spaces["adamw"]}
     assert (adamw["lr"].low, adamw["lr"].high, adamw["lr"].log) == (1e-5, 1e-1, True)
     assert (adamw["weight_decay"].low, adamw["weight_decay"].high) == (1e-6, 1.0)
@@ -75,6 +75,19 @@ def test_packaged_search_spaces() -> None:
     (one_minus,) = [d for d in spaces["adam"] if d.target == "beta2"]
     assert one_minus.field_value(one_minus.low) == pytest.approx(0.9999)
     assert one_minus.field_value(one_minus.high) == pytest.approx(0.9)
+
+
+def test_arturo_relative_space_is_arturos_centred_on_the_relative_preset() -> None:
+    from arturo.optimizer import PRESETS
+
+    spaces = load_search_spaces()
+    relative = {d.target: d for d in spaces["arturo-relative"]}
+    assert set(relative) == {d.target for d in spaces["arturo"]}
+    assert all(d.log for d in relative.values())
+    for field, dim in relative.items():
+        assert dim.low < PRESETS["relative"][field] < dim.high, field
+    assert (relative["lr"].low, relative["lr"].high) == (1e-9, 1e-4)  # a budget per coordinate
+    assert (relative["reg_weight"].low, relative["reg_weight"].high) == (0.1, 1000.0)
 
 
 def test_search_spaces_ship_with_the_package() -> None:
@@ -256,6 +269,30 @@ def test_best_params_map_to_config_fields(tmp_path: Path) -> None:
     assert study.best_trial.user_attrs["config"]["beta2"] == params["beta2"]
     with pytest.raises(NotTunedError, match="no study"):
         best_params(url, "diabetes_regression", "adam", quick=True)
+
+
+def test_tune_arturo_relative_and_read_it_back_in_the_suite(tmp_path: Path) -> None:
+    """The unit-free mode is tuned under its own name, and every trial trains it."""
+    from arturo_bench.suite import parse_optimizer, resolve_optimizer
+
+    url = storage_url(tmp_path)
+    assert tune_cli(url, "--optimizer", "arturo-relative", "--quick", "--trials", "2") == 0
+    study = load(url, "diabetes_regression-arturo-relative-quick")
+    assert len(finished_trials(study)) == 2
+    for trial in study.trials:
+        assert trial.user_attrs["config"]["units"] == "relative"
+        assert 1e-9 <= trial.user_attrs["config"]["lr"] <= 1e-4
+    resolved = resolve_optimizer(
+        parse_optimizer("arturo-relative:tuned-quick"),
+        "diabetes_regression",
+        quick=False,
+        storage=url,
+    )
+    assert resolved.tuned_from["study"] == "diabetes_regression-arturo-relative-quick"
+    assert resolved.config.units == "relative"
+    assert resolved.config.lr == study.best_params["lr"]
+    across = TuneJob(("digits_gru", "diabetes_regression"), "arturo-relative", across=True)
+    assert across.name == "across-diabetes_regression+digits_gru-arturo-relative"
 
 
 # ----------------------------------------------------------------------------- report

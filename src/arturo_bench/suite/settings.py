@@ -1,7 +1,10 @@
 """The transfer suite's optimizers and their settings, declared in one place.
 
 - ``arturo``: ``arturo.Arturo``'s defaults in absolute units (the published settings), read
-  from the library's presets and signature so that they cannot drift from it;
+  from the library's presets and signature so that they cannot drift from it
+  (``configs.arturo_defaults``);
+- ``arturo-relative``: the same in relative units (the unit-free mode), from the library's
+  preset for that mode; ``lr`` there is a KL budget per coordinate;
 - ``adamw``: torch's defaults (lr 1e-3, betas 0.9/0.999, weight_decay 1e-2): the settings
   every workload's ``target`` was measured with, so they score 1 on the normalised scale;
 - ``adam``: torch's defaults (lr 1e-3, betas 0.9/0.999, no weight decay);
@@ -21,8 +24,6 @@ full-budget suite can use the default tuning campaign (20 trials at the quick bu
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,11 @@ from ..configs import (
     OPTIMIZERS,
     AdamConfig,
     AdamWConfig,
-    ArturoConfig,
     IVONConfig,
     SGDConfig,
     _set_field,
+    arturo_defaults,
+    optimizer_fields_with_defaults,
     to_dict,
     validate_optimizer,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "parse_overrides",
     "resolve_optimizer",
     "hyperparameters",
+    "recorded_hyperparameters",
 ]
 
 DEFAULT_OPTIMIZERS = ("arturo", "adamw", "sgd")
@@ -70,30 +73,10 @@ UNSUPPORTED = {
 }
 
 
-def arturo_defaults(units: str = "absolute") -> ArturoConfig:
-    """An ArturoConfig holding ``Arturo``'s defaults in ``units`` for every field it passes:
-    the hyperparameters of that mode's preset, the constructor's defaults for the rest."""
-    from arturo import Arturo
-    from arturo.optimizer import PRESETS
-
-    params = inspect.signature(Arturo).parameters
-    values: dict[str, Any] = {"units": units}
-    for f in dataclasses.fields(ArturoConfig):
-        if f.name in ArturoConfig.harness_fields or f.name in values:
-            continue
-        if f.name in PRESETS[units]:
-            values[f.name] = PRESETS[units][f.name]
-            continue
-        param = params.get(f.name)
-        if param is None or param.default is inspect.Parameter.empty:
-            raise TypeError(f"ArturoConfig.{f.name} has no default in Arturo's signature")
-        values[f.name] = param.default
-    return ArturoConfig(**values)
-
-
 # One factory per optimizer: a fresh config each time, since the dataclasses are mutable.
 SUITE_DEFAULTS: dict[str, Callable[[], Any]] = {
-    "arturo": arturo_defaults,
+    "arturo": lambda: arturo_defaults("absolute"),
+    "arturo-relative": lambda: arturo_defaults("relative"),
     "adamw": lambda: AdamWConfig(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=1e-2),
     "adam": lambda: AdamConfig(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.0),
     "sgd": lambda: SGDConfig(lr=1e-2, momentum=0.9, weight_decay=0.0),
@@ -224,3 +207,11 @@ def resolve_optimizer(
 def hyperparameters(cfg: Any) -> dict[str, Any]:
     """What a run records of its optimizer: every config field but the ones the suite ignores."""
     return {k: v for k, v in to_dict(cfg).items() if k not in _NOT_HYPERPARAMETERS}
+
+
+def recorded_hyperparameters(optimizer_class: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's recorded ``hyperparameters``, completed with the config fields added
+    since it was written, at their defaults, so that a re-run compares like with like (an
+    ``arturo`` run recorded before ``units`` existed was in absolute units)."""
+    filled = optimizer_fields_with_defaults(optimizer_class, saved)
+    return {k: v for k, v in filled.items() if k not in _NOT_HYPERPARAMETERS or k in saved}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..runs import ConfigMismatchError, MetricsError, RunStore, _atomic_write_text, run_dir
+from .settings import recorded_hyperparameters
 
 __all__ = ["SuiteRun", "Manifest", "load_manifest", "find_suite_runs", "utc_now"]
 
@@ -98,6 +99,10 @@ class SuiteRun:
         """Refuse a finished run whose settings differ: its results would be mixed with
         results of other settings under one label."""
         saved = {k: v for k, v in self.config().items() if k not in _RECORD_ONLY}
+        if isinstance(saved.get("hyperparameters"), dict):  # written by an older harness?
+            saved["hyperparameters"] = recorded_hyperparameters(
+                str(saved.get("optimizer_class", "")), saved["hyperparameters"]
+            )
         diff = _differences(saved, json.loads(json.dumps(settings)))
         if diff:
             raise ConfigMismatchError(
