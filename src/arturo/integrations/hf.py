@@ -82,6 +82,10 @@ class ArturoStatsCallback(TrainerCallback):
     def __init__(self, prefix: str = "arturo/") -> None:
         self.prefix = prefix
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):  # noqa: ANN001
+        if optimizer is not None:
+            unwrap_optimizer(optimizer)  # TypeError now, not at the first logging step
+
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):  # noqa: ANN001
         if logs is None or optimizer is None or "loss" not in logs:
             return  # not a training log (evaluation, the end-of-training summary)
