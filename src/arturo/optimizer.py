@@ -564,7 +564,7 @@ class Arturo(Optimizer):
                 lst.append(t)
             if relative:
                 grad_sq_avgs.append(state[STATE_GRAD_SQ_AVG])
-                numels.append(real.numel() if p.is_complex() else p.numel())  # all shards
+                numels.append(p.numel() * (2 if p.is_complex() else 1))  # all shards
         if not lists[0]:
             return None
         if not relative:
