@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model=model,
             args=training_args,
             train_dataset=RandomTokens(8 * args.steps, 16, config.vocab_size),
-            # Arturo's lr is the KL bound ε; TrainingArguments.learning_rate is not used.
-            **trainer_optimizer_kwargs(model, lr=0.05),
+            # Arturo's lr is the KL bound ε (here its relative-units default, per coordinate);
+            # TrainingArguments.learning_rate is not used. In relative units the Trainer's two
+            # groups (weights decayed, biases and norms not) keep one total budget.
+            **trainer_optimizer_kwargs(model, units="relative"),
         )
         add_stats_callback(trainer)  # ahead of the report_to callbacks, so they see it
         trainer.train()

@@ -68,7 +68,8 @@ def make_trainer(output_dir, max_steps: int = 6, **optimizer_kwargs) -> transfor
         dataloader_num_workers=0,
     )
     model = tiny_llama()
-    kwargs = optimizer_kwargs or {"lr": 0.05}
+    # Relative units: the Trainer's two groups, each with ε per coordinate.
+    kwargs = optimizer_kwargs or {"lr": 1e-4, "units": "relative"}
     return transformers.Trainer(
         model=model,
         args=args,
@@ -111,6 +112,14 @@ def test_trainer_uses_arturo_with_two_groups_and_warmup(uninterrupted):
     assert uninterrupted.state.global_step == 6
     # Linear warmup then decay to 0: after the last scheduler step ε is 0 again.
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    # Relative units: at one ε the two groups' bounds add up to one group's over all
+    # parameters, so the split does not enlarge the budget (read on a copy: the fixture is
+    # shared).
+    copy = Arturo(
+        [{"params": g["params"], "units": "relative", "lr": 1e-4} for g in opt.param_groups]
+    )
+    d = sum(p.numel() for p in uninterrupted.model.parameters())
+    assert sum(s["kl_bound"] for s in copy.stats()) == pytest.approx(1e-4 * d)
 
 
 def test_callback_logs_stats_at_each_logging_step(uninterrupted):
@@ -144,6 +153,19 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(uninterrupted, tmp_pat
         assert torch.equal(p, q), name
     # The callback added with add_callback (after the reporters) still fills log_history.
     assert "arturo/group0/kl" in [e for e in resumed.state.log_history if "loss" in e][-1]
+
+
+def test_the_default_form_follows_the_units():
+    """In absolute units each group would get the whole ε, so the default is one group; in
+    relative units the Trainer's split keeps the total bound."""
+    model = tiny_llama()
+    absolute = trainer_optimizer_kwargs(model, lr=0.02)
+    (opt, _) = absolute["optimizers"]
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["units"] == "absolute"
+    relative = trainer_optimizer_kwargs(model, lr=1e-4, units="relative")
+    assert relative == {"optimizer_cls_and_kwargs": (Arturo, {"lr": 1e-4, "units": "relative"})}
+    split = trainer_optimizer_kwargs(model, one_group=False, lr=0.02)
+    assert "optimizer_cls_and_kwargs" in split
 
 
 def test_one_group_form_builds_the_optimizer(tmp_path):

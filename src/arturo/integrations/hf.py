@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "arturo.integrations.hf needs transformers; install it with pip install 'arturo[hf]'"
     ) from exc
 
-from ..optimizer import Arturo
+from ..optimizer import DEFAULT_UNITS, Arturo
 from . import stats_for_logging, unwrap_optimizer
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
 
 
 def trainer_optimizer_kwargs(
-    model: Any = None, *, one_group: bool = False, **arturo_kwargs: Any
+    model: Any = None, *, one_group: bool | None = None, **arturo_kwargs: Any
 ) -> dict[str, Any]:
     """Keyword arguments for ``Trainer(...)`` that make it train with Arturo::
 
@@ -46,13 +46,18 @@ def trainer_optimizer_kwargs(
     ``TrainingArguments.learning_rate`` is not used. The Trainer's LR scheduler (with its
     warmup) drives ε.
 
-    Where ``Trainer`` accepts ``optimizer_cls_and_kwargs``, this returns that, and the Trainer
-    builds its usual two param groups: weights with ``TrainingArguments.weight_decay`` as
-    Arturo's κ, and biases and norms without decay. With ``one_group=True``, or a
-    ``transformers`` without that argument, it returns ``optimizers=(Arturo(...), None)``
-    with all trainable parameters of ``model`` in one group (and Arturo's own
-    ``weight_decay``), which needs ``model``. docs/integrations.md says when one group matters.
+    How many trust regions: each param group is one. The Trainer's own split (weights with
+    ``TrainingArguments.weight_decay`` as Arturo's κ, biases and norms without) is right in
+    relative units, where each group's bound is ε times its size, so the two bounds add up to
+    the one a single group would have. In absolute units each group would get the whole ε, so
+    there the default is one group. ``one_group``: ``None`` (default) chooses by the units;
+    ``True`` returns ``optimizers=(Arturo(...), None)`` with all trainable parameters of
+    ``model`` in one group (with Arturo's own ``weight_decay``), which needs ``model``;
+    ``False`` lets the Trainer split (``optimizer_cls_and_kwargs``, where ``Trainer`` takes
+    it). docs/integrations.md has the recipes.
     """
+    if one_group is None:
+        one_group = arturo_kwargs.get("units", DEFAULT_UNITS) != "relative"
     accepts_cls = "optimizer_cls_and_kwargs" in inspect.signature(Trainer.__init__).parameters
     if accepts_cls and not one_group:
         return {"optimizer_cls_and_kwargs": (Arturo, dict(arturo_kwargs))}
