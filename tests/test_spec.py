@@ -30,13 +30,11 @@ from arturo import Arturo
 STEPS = {"absolute": 7, "relative": 104}
 
 # Rounding of reordered formulas (e.g. the optimizer divides by λ before the solve),
-# compounded over a few steps; any change of the math moves results far more. In relative
-# units the optimizer computes m's weight 1/(n + 1) from its float32 step count, so m, s and
-# what s scales (λ most directly) agree to about 1e-8 only.
-TOLS = {"absolute": dict(rtol=1e-9, atol=1e-12), "relative": dict(rtol=1e-7, atol=1e-12)}
-# The optimizer keeps each group's η and KL as float32 tensors; in relative units η and KL
-# also carry m's rounding, amplified by the solve.
-ETA_TOLS = {"absolute": dict(rtol=3e-7, atol=1e-30), "relative": dict(rtol=1e-6, atol=1e-30)}
+# compounded over a few steps; any change of the math moves results far more. The same in
+# both units (m's weight is computed in the state's dtype).
+TOLS = {"absolute": dict(rtol=1e-9, atol=1e-12), "relative": dict(rtol=1e-9, atol=1e-12)}
+# The optimizer keeps each group's η and KL as float32 tensors.
+ETA_TOLS = {"absolute": dict(rtol=3e-7, atol=1e-30), "relative": dict(rtol=3e-7, atol=1e-30)}
 # A KL near 0 is a sum of squared differences of nearly equal numbers (ĝ at the model's
 # minimum): its rounding is judged against the bound.
 KL_ATOL_PER_BOUND = 1e-12

@@ -241,7 +241,8 @@ def running_mean_square(avg: Tensor, now: Tensor, steps: Tensor, keep: Tensor) -
     exponential average with weight 1 − GRAD_SQ_MOMENTUM. Every operation is homogeneous in
     the gradient, so a loss scaled by c scales it by exactly c² when c is a power of two.
     """
-    weight = torch.clamp_min(1.0 / (steps + 1.0), 1.0 - GRAD_SQ_MOMENTUM).to(avg.dtype)
+    # In avg's dtype: a float32 weight would cap float64 state at float32 accuracy.
+    weight = torch.clamp_min(1.0 / (steps.to(avg.dtype) + 1.0), 1.0 - GRAD_SQ_MOMENTUM)
     return torch.where(keep > 0, avg + (now - avg) * weight, avg)
 
 
