@@ -59,15 +59,23 @@ def make_model(
     return nn.Sequential(*layers).to(dtype)
 
 
-def make_optimizer(model: nn.Module, foreach: bool | None = None) -> Arturo:
+def make_optimizer(
+    model: nn.Module, foreach: bool | None = None, units: str = "absolute"
+) -> Arturo:
     # Two trust regions (G = 2), so the all-reduced partial sums are a [2, 2] tensor.
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    # In relative units ε is per coordinate: the same group bounds as in absolute units
+    # (numel() of a DTensor counts all shards).
+    per = (lambda ps: sum(p.numel() for p in ps)) if units == "relative" else (lambda ps: 1)
     return Arturo(
-        [{"params": weights}, {"params": biases, "lr": 0.02}],
-        lr=0.05,
+        [
+            {"params": weights, "lr": 0.05 / per(weights)},
+            {"params": biases, "lr": 0.02 / per(biases)},
+        ],
         weight_decay=1e-3,
         foreach=foreach,
+        units=units,
     )
 
 
@@ -162,10 +170,12 @@ def count_all_reduces():
         dist.all_reduce = original
 
 
-def reference(steps: int, dtype=torch.float32, uneven=False, foreach=None) -> dict:
+def reference(
+    steps: int, dtype=torch.float32, uneven=False, foreach=None, units="absolute"
+) -> dict:
     """Single-process training on the global batch."""
     model = make_model(dtype=dtype, uneven=uneven)
-    opt = make_optimizer(model, foreach)
+    opt = make_optimizer(model, foreach, units)
     train(model, opt, steps, dtype=dtype)
     return full_state(model, opt)
 
@@ -202,8 +212,11 @@ def scenario_ddp(outdir: Path) -> None:
         assert_close(got, reference(STEPS), 1e-5, "DDP vs single process")
 
 
-def scenario_fsdp(outdir: Path, uneven: str = "0", foreach: str = "1") -> None:
-    """FSDP2 against single-process training; ``foreach="0"``: the single-tensor path."""
+def scenario_fsdp(
+    outdir: Path, uneven: str = "0", foreach: str = "1", units: str = "absolute"
+) -> None:
+    """FSDP2 against single-process training; ``foreach="0"``: the single-tensor path;
+    ``units="relative"``: each tensor's Σ g² is all-reduced with the gradient check."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -212,7 +225,7 @@ def scenario_fsdp(outdir: Path, uneven: str = "0", foreach: str = "1") -> None:
     impl = foreach == "1"
     mesh = init_device_mesh("cpu", (WORLD,))
     model = shard(make_model(uneven=uneven_model), mesh)
-    opt = make_optimizer(model, impl)
+    opt = make_optimizer(model, impl, units)
     train(model, opt, STEPS - 1, rank=RANK, world=WORLD)
     with count_all_reduces() as calls:
         train(model, opt, 1, start=STEPS - 1, rank=RANK, world=WORLD)
@@ -235,7 +248,7 @@ def scenario_fsdp(outdir: Path, uneven: str = "0", foreach: str = "1") -> None:
         assert local_rows == ([1, 1] if RANK == 0 else [0, 0]), local_rows
     got = full_state(model, opt)
     if RANK == 0:
-        want = reference(STEPS, uneven=uneven_model, foreach=impl)
+        want = reference(STEPS, uneven=uneven_model, foreach=impl, units=units)
         assert_close(got, want, 1e-5, "FSDP2 vs single process")
 
 

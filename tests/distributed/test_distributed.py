@@ -26,6 +26,7 @@ TWO_RANKS = (
     "fsdp:0",
     "fsdp:1",
     "fsdp:1:0",
+    "fsdp:1:1:relative",
     "fsdp_mixed_precision",
     "hsdp",
     "fsdp_nonfinite",
@@ -69,6 +70,10 @@ def test_fsdp2_uneven_and_empty_shards(runs):
 
 def test_fsdp2_uneven_and_empty_shards_single_tensor_path(runs):
     _check(runs, "fsdp:1:0")
+
+
+def test_fsdp2_relative_units_reduce_each_tensors_sum_of_squares(runs):
+    _check(runs, "fsdp:1:1:relative")
 
 
 def test_fsdp2_mixed_precision_keeps_fp32_sharded_state(runs):
