@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from arturo import Arturo
-from arturo.optimizer import PARAM_STATE_KEYS
 
 pytestmark = pytest.mark.gpu
 
@@ -47,9 +46,11 @@ def _set_grads(groups: list[list[torch.Tensor]], k: int, nonfinite: bool = False
         groups[1][1].grad[7] = float("inf")
 
 
-def test_fused_cuda_matches_reference_and_never_syncs():
+@pytest.mark.parametrize("units", ["absolute", "relative"])
+def test_fused_cuda_matches_reference_and_never_syncs(units):
     ref_params, fused_params = _params(), _params()
-    ref, fused = _make(ref_params, foreach=False), _make(fused_params, fused=True)
+    ref = _make(ref_params, foreach=False, units=units)
+    fused = _make(fused_params, fused=True, units=units)
     for k in range(5):
         for groups in (ref_params, fused_params):
             _set_grads(groups, k, nonfinite=k == 2)
@@ -67,7 +68,7 @@ def test_fused_cuda_matches_reference_and_never_syncs():
             atol = 0 if pa.dtype == torch.bfloat16 else 1e-6
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=atol)
             if ref.state.get(pa):
-                for key in PARAM_STATE_KEYS:
+                for key in ref.state[pa]:
                     torch.testing.assert_close(
                         ref.state[pa][key], fused.state[pb][key], rtol=1e-5, atol=1e-6, msg=key
                     )
