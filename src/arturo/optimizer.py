@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -13,6 +14,12 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from .distributed import local_shard, partial_sum_reducer
+from .posterior import (
+    check_dataset_size,
+    check_temperature,
+    draw_sample_,
+    posterior_variance_from_state,
+)
 
 __all__ = ["Arturo", "NonFiniteGradientError", "SparseGradientError", "choose_implementation"]
 
@@ -600,6 +607,12 @@ class Arturo(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Take one step. ``closure`` re-evaluates the model and returns the loss."""
+        if self.__dict__.get("_sampling", False):
+            # The exit of sampled_params() would overwrite this step with the old means.
+            raise RuntimeError(
+                "step() inside sampled_params(): the parameters hold a sample; step after "
+                "the context exits (its gradients can be used then)"
+            )
         self._check_params_not_replaced()
         loss = None
         if closure is not None:
@@ -786,3 +799,127 @@ class Arturo(Optimizer):
     def variance(self, p: Tensor) -> Tensor:
         """The search distribution's variance 1/λ for ``p`` (same shape)."""
         return self._param_state(p)[STATE_PRECISION].reciprocal()
+
+    # ----------------------------------------------------------------------------------------
+    # The posterior (docs/algorithm.md, "The posterior"; docs/uncertainty.md)
+    # ----------------------------------------------------------------------------------------
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("this parameter is in none of the optimizer's param groups")
+
+    def _check_grad_scales(self, entries: list[tuple[Tensor, dict[str, Any]]]) -> None:
+        """ValueError unless every relative-units tensor of ``entries`` (parameter, its group)
+        has a gradient scale: without one, the posterior for N examples is improper. One host
+        sync for all of them."""
+        relative = [p for p, group in entries if group["units"] == "relative"]
+        if not relative:
+            return
+        device = relative[0].device
+        scales = torch.stack(
+            [
+                local_shard(self.state[p][STATE_GRAD_SQ_AVG]).to(device, torch.float64)
+                for p in relative
+            ]
+        ).tolist()
+        unscaled = [p for p, m in zip(relative, scales, strict=True) if not m > 0]
+        if unscaled:
+            raise ValueError(
+                f"a parameter of shape {tuple(unscaled[0].shape)} (and {len(unscaled) - 1} "
+                "more) has relative-units state but no gradient scale yet (all its gradients "
+                "were exactly 0): its posterior for a dataset_size is undefined, since its "
+                "curvature and its prior's (ω·λ₀·s) are both 0. Pass dataset_size=None for "
+                "the state's own variance 1/λ"
+            )
+
+    def _posterior_variance(
+        self, p: Tensor, group: dict[str, Any], dataset_size: int | None, *, local: bool
+    ) -> Tensor:
+        state = self._param_state(p)
+        precision = state[STATE_PRECISION]
+        grad_sq_avg = state.get(STATE_GRAD_SQ_AVG) if group["units"] == "relative" else None
+        return posterior_variance_from_state(
+            local_shard(precision) if local else precision,
+            group["reg_weight"],
+            None if grad_sq_avg is None else local_shard(grad_sq_avg),
+            dataset_size,
+        )
+
+    def posterior_variance(self, p: Tensor, dataset_size: int | None = None) -> Tensor:
+        """The variance σ² that :meth:`sampled_params` samples ``p`` with (a new tensor in
+        the state's dtype, shaped like ``p``, or like ``view_as_real(p)`` for a complex
+        ``p``; a DTensor for a DTensor ``p``).
+
+        ``dataset_size=None`` (default): 1/λ, the same as :meth:`variance`. The precision
+        update's fixed point is λ = a/ω (a: the stepping curvature of the mean loss, prior
+        included), so this is a posterior tempered to 1/ω effective examples (relative units:
+        1/(ω·s), s the tensor's gradient scale).
+
+        ``dataset_size=N``: 1/(N·ω·λ) (relative units: 1/(N·ω·s·λ)), the posterior for a
+        training set of N examples whose mean loss is being minimised, with the prior term
+        ω·λ₀ acting per example (prior precision N·ω·λ₀). ValueError for a relative-units
+        tensor that has no gradient scale yet (all its gradients were 0). KeyError for a
+        parameter without state.
+        """
+        dataset_size = check_dataset_size(dataset_size)
+        self._param_state(p)  # KeyError, with its message, before anything else
+        group = self._group_of(p)
+        if dataset_size is not None:
+            self._check_grad_scales([(p, group)])
+        return self._posterior_variance(p, group, dataset_size, local=False)
+
+    @contextlib.contextmanager
+    def sampled_params(
+        self,
+        *,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        dataset_size: int | None = None,
+    ) -> Iterator[None]:
+        """Inside this context, every parameter with arTuRO state holds one sample
+        θ ~ N(μ, temperature·σ²), σ² = :meth:`posterior_variance` ``(p, dataset_size)``.
+
+        On exit, also on an exception, the means are restored bitwise; parameters without
+        state are never touched, and the optimizer's state is not changed. Draws come from
+        ``generator`` (on the parameters' device), else from torch's default generator of
+        each parameter's device, in the order of the param groups. bf16/fp16 parameters are
+        sampled in their fp32 state dtype and rounded once; complex ones through
+        ``view_as_real``. Under FSDP2 each rank samples its own shard: seed a generator per
+        rank (``torch.Generator(device).manual_seed(seed + rank)``), or the shards' noise is
+        correlated across ranks. ``temperature=0`` leaves the means in place.
+
+        Gradients computed inside may be used by a ``step()`` after the context exits, as
+        IVON trains: the filter then regresses a gradient measured at the sample on the mean
+        θ, i.e. it fits the gradient of the loss smoothed by q (docs/uncertainty.md).
+        ``step()`` inside the context, or a nested context, raises RuntimeError.
+        """
+        temperature = check_temperature(temperature)
+        dataset_size = check_dataset_size(dataset_size)
+        if self.__dict__.get("_sampling", False):
+            raise RuntimeError(
+                "sampled_params() is already active on this optimizer: inside it the "
+                "parameters hold a sample, not the means"
+            )
+        entries = [(p, g) for g in self.param_groups for p in g["params"] if self.state.get(p)]
+        if dataset_size is not None:
+            self._check_grad_scales(entries)  # before any parameter changes
+        means: list[tuple[Tensor, Tensor]] = []  # (local shard, its copy): restored on exit
+        self._sampling = True
+        try:
+            with torch.no_grad():
+                for p, group in entries:
+                    shard = local_shard(p)
+                    means.append((shard, shard.clone()))
+                    if temperature == 0:
+                        continue  # mean + 0·noise would turn a -0.0 into +0.0
+                    real = torch.view_as_real(shard) if shard.is_complex() else shard
+                    variance = self._posterior_variance(p, group, dataset_size, local=True)
+                    draw_sample_(real, variance, temperature, generator)
+            yield
+        finally:
+            with torch.no_grad():
+                for shard, mean in means:
+                    shard.copy_(mean)
+            self._sampling = False
