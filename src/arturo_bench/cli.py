@@ -19,6 +19,10 @@ from .suite import run_command as run_suite_command
 
 __all__ = ["main", "build_parser"]
 
+# The validation split of the calibration protocol: the last 5000 of Fashion-MNIST's 60k
+# training images, a common size for fitting one temperature, leaving 55k to train on.
+DEFAULT_VAL_SPLIT = 5000
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -44,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override a config value, e.g. --set arturo.lr=0.05 --set milestones=20,30 "
             "(repeatable; see `arturo-bench show EXPERIMENT` for the keys)",
+        )
+        p.add_argument(
+            "--eval-samples",
+            type=int,
+            metavar="K",
+            help="the calibration protocol (docs/uncertainty.md): hold out a validation split, "
+            "record NLL, Brier and ECE every epoch, and at every 10th and the last also the "
+            "K-sample model average (arturo, ivon), temperature scaling and the OOD AUROC",
+        )
+        p.add_argument(
+            "--val-split",
+            type=int,
+            metavar="N",
+            help=f"validation images held out of the end of the training set (default with "
+            f"--eval-samples: {DEFAULT_VAL_SPLIT}; alone: the protocol without a model average)",
         )
 
     show = sub.add_parser("show", help="print an experiment's resolved config as JSON")
@@ -213,7 +232,11 @@ def _resolve_experiment(args: argparse.Namespace, name: str) -> configs.Experime
         )
     if args.epochs is not None:
         exp = scale_epochs(exp, args.epochs)
-    return apply_overrides(exp, args.overrides)
+    calibration = []
+    if args.eval_samples is not None or args.val_split is not None:
+        val_split = DEFAULT_VAL_SPLIT if args.val_split is None else args.val_split
+        calibration = [f"eval_samples={args.eval_samples or 0}", f"val_split={val_split}"]
+    return apply_overrides(exp, calibration + args.overrides)
 
 
 def _cmd_list() -> int:
@@ -276,9 +299,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(
         f"data: {data.name} from {data.source}: {len(data.train_y)} train, {len(data.test_y)} test"
     )
-    data = data.subset(exp.train_subset, exp.test_subset).to(device)
-    if exp.train_subset or exp.test_subset:
-        print(f"      using a fixed subset: {len(data.train_y)} train, {len(data.test_y)} test")
+    # The validation split comes off the full training set first: a subset never draws from it.
+    data = data.hold_out(exp.val_split).subset(exp.train_subset, exp.test_subset).to(device)
+    if exp.val_split:
+        print(f"      holding out the last {exp.val_split} training images for calibration")
+    if exp.train_subset or exp.test_subset or exp.val_split:
+        print(f"      training on {len(data.train_y)}, testing on {len(data.test_y)}")
     print(
         f"device: {device} ({torch.get_num_threads()} threads); epochs {exp.epochs}, "
         f"milestones {list(exp.milestones)}; optimizers {' '.join(optimizers)}; "

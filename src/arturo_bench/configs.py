@@ -197,6 +197,9 @@ class ExperimentConfig:
     test_subset: int = 0  # >0: evaluate on this many test examples (fixed subset)
     stats_every: int = 10  # arturo: sample eta and kl every N steps (kept on the device)
     target_acc: float = 0.90  # "first epoch reaching" this test accuracy, for the summary
+    # The calibration protocol (docs/uncertainty.md, "Harness"). 0 for both: off, as before.
+    val_split: int = 0  # >0: hold out the last N training images; train on the rest
+    eval_samples: int = 0  # K weight samples for the Bayesian model average (needs val_split)
     optimizers: dict[str, Any] = field(default_factory=dict)  # name -> optimizer config
 
 
@@ -560,6 +563,8 @@ def _experiment_rules() -> dict[str, _Rule]:
         "test_subset": _SUBSET_SIZE,
         "stats_every": _INT_AT_LEAST_1,
         "target_acc": _in_range(0, 1),
+        "val_split": _SUBSET_SIZE,
+        "eval_samples": _Rule("an integer >= 0 (0: no model average)", _SUBSET_SIZE.holds),
     }
 
 
@@ -630,6 +635,12 @@ def validate_experiment(exp: ExperimentConfig) -> None:
     its optimizers is usable: a bad value must stop a run before it starts, not after an
     epoch, and never train to NaN with a zero exit status."""
     _check_fields(exp, _experiment_rules(), "")
+    if exp.eval_samples and not exp.val_split:
+        # The model average is part of the calibration protocol, which needs its split.
+        raise ValueError(
+            f"eval_samples={exp.eval_samples} needs val_split > 0 (the validation split that "
+            "temperatures are fitted on); --eval-samples sets both"
+        )
     for name, cfg in exp.optimizers.items():
         validate_optimizer(name, cfg)
 

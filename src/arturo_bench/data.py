@@ -24,6 +24,7 @@ planted pickle cannot run code.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -144,20 +145,44 @@ class Dataset:
     test_y: Tensor  # int64 (M,)
     num_classes: int  # number of labels
     source: str = ""  # directory the files were read from
+    val_x: Tensor | None = None  # uint8 (V, C, H, W): held out of training (hold_out)
+    val_y: Tensor | None = None  # int64 (V,)
 
     @property
     def in_channels(self) -> int:
         return int(self.train_x.shape[1])
 
     def to(self, device: torch.device | str) -> Dataset:
-        return Dataset(
-            self.name,
-            self.train_x.to(device),
-            self.train_y.to(device),
-            self.test_x.to(device),
-            self.test_y.to(device),
-            self.num_classes,
-            self.source,
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x.to(device),
+            train_y=self.train_y.to(device),
+            test_x=self.test_x.to(device),
+            test_y=self.test_y.to(device),
+            val_x=None if self.val_x is None else self.val_x.to(device),
+            val_y=None if self.val_y is None else self.val_y.to(device),
+        )
+
+    def hold_out(self, n: int) -> Dataset:
+        """The last ``n`` training images as the validation split, the rest to train on
+        (``n = 0``: unchanged). The same images for every seed and optimizer; taken before
+        any subset, so a subset never draws from them."""
+        if n <= 0:
+            return self
+        if self.val_y is not None:
+            raise ValueError("this dataset already holds a validation split")
+        if n >= len(self.train_y):
+            raise ValueError(
+                f"val_split {n} leaves nothing to train on: the training set has "
+                f"{len(self.train_y)} images"
+            )
+        cut = len(self.train_y) - n
+        return dataclasses.replace(
+            self,
+            train_x=self.train_x[:cut],
+            train_y=self.train_y[:cut],
+            val_x=self.train_x[cut:],
+            val_y=self.train_y[cut:],
         )
 
     def subset(self, train: int = 0, test: int = 0) -> Dataset:
@@ -172,7 +197,9 @@ class Dataset:
 
         train_x, train_y = pick(self.train_x, self.train_y, train)
         test_x, test_y = pick(self.test_x, self.test_y, test)
-        return Dataset(self.name, train_x, train_y, test_x, test_y, self.num_classes, self.source)
+        return dataclasses.replace(
+            self, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y
+        )
 
 
 # ----------------------------------------------------------------------------- IDX

@@ -2,7 +2,8 @@
 
 - ``config.json``: the resolved config (experiment, optimizer, seed, device);
 - ``env.json``: versions, device, CPU, git SHA, one entry per (re)start;
-- ``metrics.jsonl`` and ``metrics.csv``: one row per finished epoch;
+- ``metrics.jsonl`` and ``metrics.csv``: one row per finished epoch (the CSV without nested
+  values such as a calibration run's reliability bins);
 - ``checkpoint.pt``: model, optimizer, scheduler, metrics and the resolved config after the
   last finished epoch;
 - ``.lock``: held (``flock``) by the process training in the directory.
@@ -319,11 +320,13 @@ class RunStore:
     # -- metrics
     def write_metrics(self, history: list[dict[str, Any]]) -> None:
         _atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+        # The CSV holds the scalar columns; nested values (the reliability bins of a
+        # calibration run) are in metrics.jsonl only.
         keys: list[str] = []
         for row in history:
-            keys += [k for k in row if k not in keys]
+            keys += [k for k, v in row.items() if k not in keys and not isinstance(v, dict | list)]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
         _atomic_write_text(self.csv_path, buf.getvalue())

@@ -297,12 +297,16 @@ def train_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int) -> dict[str, float]:
-    """Test loss and accuracy (at the mean weights, for IVON too)."""
+def evaluate(
+    model: nn.Module, data: Dataset, batch_size: int, *, calibration: bool = False
+) -> dict[str, float]:
+    """Test loss and accuracy (at the mean weights, for IVON too); with ``calibration``, also
+    the Brier score and ECE of the same predictions (``arturo_bench.uncertainty``)."""
     model.eval()
     device = data.test_x.device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    kept: list[Tensor] = []
     t0 = time.perf_counter()
     for start in range(0, len(data.test_y), batch_size):
         x = prepare_batch(data.name, data.test_x[start : start + batch_size])
@@ -310,12 +314,15 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int) -> dict[str, floa
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+        if calibration:
+            kept.append(logits.float())
     n = len(data.test_y)
-    return {
-        "test_loss": loss_sum.item() / n,
-        "test_acc": correct.item() / n,
-        "eval_time_s": time.perf_counter() - t0,
-    }
+    row = {"test_loss": loss_sum.item() / n, "test_acc": correct.item() / n}
+    if calibration:
+        from .uncertainty import mean_model_metrics  # torchmetrics, only when asked for
+
+        row |= mean_model_metrics(torch.cat(kept), data.test_y)
+    return row | {"eval_time_s": time.perf_counter() - t0}
 
 
 def train_run(
@@ -340,6 +347,7 @@ def train_run(
     ``allow_nonfinite`` trains on through epochs with non-finite losses instead of stopping."""
     validate_experiment(exp)  # the command line did; a library caller may not have
     _check_has_batches(exp, len(data.train_y))
+    _check_validation_split(exp, data)
     device = data.train_x.device
     opt_cfg = optimizer_config(exp, optimizer_name)
     config = run_config(exp, optimizer_name, seed, quick=quick)
@@ -391,7 +399,22 @@ def train_run(
                     f"{epoch - 1} finished epochs). Lower the learning rate (--set "
                     f"{optimizer_name}.lr=...), or re-run with --allow-nonfinite to train on."
                 )
-            row |= evaluate(model, data, exp.test_batch_size)
+            calibration = exp.val_split > 0
+            row |= evaluate(model, data, exp.test_batch_size, calibration=calibration)
+            if calibration and _is_full_evaluation(epoch, exp.epochs):
+                from .uncertainty import full_evaluation  # torchmetrics, only when asked for
+
+                t_eval = time.perf_counter()
+                row |= full_evaluation(
+                    model,
+                    optimizer,
+                    data,
+                    samples=exp.eval_samples,
+                    seed=_epoch_seed(seed, epoch) + 900_001,  # a stream of its own
+                    batch_size=exp.test_batch_size,
+                    fit_posterior_temperature=epoch == exp.epochs,
+                )
+                row["eval_time_s"] += time.perf_counter() - t_eval
             scheduler.step()
             wall += row["train_time_s"]
             row["wall_time_s"] = wall  # cumulative training time, evaluation excluded
@@ -415,10 +438,28 @@ def train_run(
                 f"acc {row['train_acc']:.2%} | test loss {row['test_loss']:.4f} "
                 f"acc {row['test_acc']:.2%} | {row['train_time_s']:.1f}s "
                 f"(step {row['step_time_s']:.2f}s){_epoch_notes(row, previous)}"
+                f"{_calibration_notes(row)}"
             )
             if problem:
                 log(f"warning: {tag} epoch {epoch}: {problem} (--allow-nonfinite: training on)")
     return history
+
+
+def _is_full_evaluation(epoch: int, epochs: int) -> bool:
+    """The model average, temperature scaling and OOD check run at the last epoch and every
+    10th: each costs several passes over the evaluation sets."""
+    return epoch % 10 == 0 or epoch == epochs
+
+
+def _check_validation_split(exp: ExperimentConfig, data: Dataset) -> None:
+    """The data must hold the split the config promises: results say how many images were
+    held out, and a library caller could pass data split otherwise (or not at all)."""
+    held_out = 0 if data.val_y is None else len(data.val_y)
+    if held_out != exp.val_split:
+        raise ValueError(
+            f"val_split is {exp.val_split} but the data holds {held_out} validation images; "
+            f"split it with data.hold_out({exp.val_split}) before any subset"
+        )
 
 
 def _check_has_batches(exp: ExperimentConfig, num_train: int) -> None:
@@ -449,4 +490,20 @@ def _epoch_notes(row: dict[str, Any], previous: dict[str, Any]) -> str:
         notes += f" | {skipped} step(s) skipped: non-finite gradients"
     if row.get("nonfinite_batches"):
         notes += f" | {row['nonfinite_batches']} batch(es) with a non-finite loss, not in the mean"
+    return notes
+
+
+def _calibration_notes(row: dict[str, Any]) -> str:
+    """The calibration metrics of a full evaluation, when there was one."""
+    notes = ""
+    for kind, label in (("test", "mean"), ("ts", "temp-scaled"), ("bma", "BMA")):
+        if f"{kind}_ece" in row and f"{kind}_ood_auroc" in row:
+            nll = row["test_loss"] if kind == "test" else row[f"{kind}_nll"]
+            notes += (
+                f"\n    {label}: NLL {nll:.4f} ECE {row[f'{kind}_ece']:.4f} "
+                f"Brier {row[f'{kind}_brier']:.4f} OOD AUROC {row[f'{kind}_ood_auroc']:.3f}"
+            )
+    if "bma_temperature" in row:
+        notes += "\n    posterior temperature fitted on the validation split: "
+        notes += f"{row['bma_temperature']:.3g}"
     return notes
