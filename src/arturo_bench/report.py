@@ -37,6 +37,7 @@ class Group:
     seeds: list[int] = field(default_factory=list)
     histories: list[list[dict[str, Any]]] = field(default_factory=list)
     epochs_planned: int = 0
+    eval_samples: int = 0  # K of the model average, in calibration runs
 
 
 def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
@@ -61,6 +62,7 @@ def load_groups(paths: list[str | os.PathLike[str]]) -> list[Group]:
         g.seeds.append(int(cfg["seed"]))
         g.histories.append(history)
         g.epochs_planned = max(g.epochs_planned, int(cfg["epochs"]))
+        g.eval_samples = int(cfg.get("eval_samples", 0))
     # Several configs of one (experiment, optimizer): tell them apart in the labels.
     clashes: dict[tuple[str, str], list[Group]] = defaultdict(list)
     for (exp, opt, _variant), g in groups.items():
@@ -285,9 +287,17 @@ def write_report(
             f"\nFinal test accuracy, {paired_with} minus each optimizer, paired by seed:\n\n"
             + paired_table(groups, paired_with)
         )
+    from .calibration_report import calibration_table, has_calibration, plot_calibration
+
+    if has_calibration(groups):
+        table += (
+            "\nCalibration (runs with --eval-samples; mean ± std over seeds, at the last "
+            "full evaluation; ECE with 15 bins; OOD: test images upside down, scored by "
+            "predictive entropy):\n\n" + calibration_table(groups)
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pngs = plot(groups, out)
+    pngs = plot(groups, out) + plot_calibration(groups, out)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     (out / "report.md").write_text(f"# Runs\n\n{table}\n{images}\n")
     return table, pngs
