@@ -14,6 +14,7 @@ IMPLS = [
     pytest.param({"foreach": False}, id="single"),
     pytest.param({"foreach": True}, id="foreach"),
 ]
+UNITS = ["absolute", "relative"]
 
 
 def regression(seed: int = 0):
@@ -51,10 +52,11 @@ def all_state_finite(opt: Arturo) -> bool:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("units", UNITS)
 @pytest.mark.parametrize("scale", [1e3, 1e6, 1e12, 1e18, 1e30])
-def test_a_single_spike_does_not_stop_training(impl, scale):
+def test_a_single_spike_does_not_stop_training(impl, units, scale):
     # Before: 1e18 froze η at inf, 1e30 turned the state to NaN, 1e6-1e12 stalled at ~0.3.
-    losses, opt = train_with_spike(scale, **impl)
+    losses, opt = train_with_spike(scale, units=units, **impl)
     assert all_state_finite(opt)
     assert math.isfinite(opt.stats()[0]["eta"])
     assert losses[199] < losses[21]
@@ -62,29 +64,36 @@ def test_a_single_spike_does_not_stop_training(impl, scale):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("units", UNITS)
 @pytest.mark.parametrize("scale", [1e18, 1e30])
-def test_without_the_outlier_check_the_state_still_stays_finite(impl, scale):
-    # The filter's bounded innovation and the dual's overflow guard hold on their own.
-    losses, opt = train_with_spike(scale, outlier_threshold=math.inf, **impl)
+def test_without_the_outlier_check_the_state_still_stays_finite(impl, units, scale):
+    # The filter's bounded innovation and the dual's overflow guard hold on their own; in
+    # relative units a gradient whose Σ g² overflows (1e30) cancels its group's step too.
+    losses, opt = train_with_spike(scale, outlier_threshold=math.inf, units=units, **impl)
     assert all_state_finite(opt)
     assert math.isfinite(opt.stats()[0]["eta"])
     assert all(math.isfinite(v) for v in losses)
-    assert opt.stats()[0]["skipped_steps"] > 0  # the overflowing dual cancelled steps
+    if units == "absolute" or scale == 1e30:
+        assert opt.stats()[0]["skipped_steps"] > 0  # an overflow cancelled steps
+    else:  # 1e18 is just a larger unit to relative units: the step is taken, not cancelled
+        assert opt.stats()[0]["skipped_steps"] == 0
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_spike_is_skipped_and_counted(impl):
-    spiked, opt = train_with_spike(1e6, steps=30, **impl)
-    clean, _ = train_with_spike(1.0, steps=30, spike_step=-1, **impl)
+@pytest.mark.parametrize("units", UNITS)
+def test_a_spike_is_skipped_and_counted(impl, units):
+    spiked, opt = train_with_spike(1e6, steps=30, units=units, **impl)
+    clean, _ = train_with_spike(1.0, steps=30, spike_step=-1, units=units, **impl)
     assert opt.stats()[0]["skipped_steps"] == 1
     # The spiked step is dropped, so the run continues as if that batch never came.
     assert spiked[21:] == clean[20:29]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_a_lasting_change_of_loss_scale_is_accepted_after_a_few_steps(impl):
+@pytest.mark.parametrize("units", UNITS)
+def test_a_lasting_change_of_loss_scale_is_accepted_after_a_few_steps(impl, units):
     model, x, y = regression()
-    opt = Arturo(model.parameters(), lr=0.05, **impl)
+    opt = Arturo(model.parameters(), lr=0.05, units=units, **impl)
     for k in range(60):
         opt.zero_grad()
         (torch.nn.functional.mse_loss(model(x), y) * (1e6 if k >= 20 else 1.0)).backward()
@@ -94,10 +103,14 @@ def test_a_lasting_change_of_loss_scale_is_accepted_after_a_few_steps(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_overflowing_dual_cancels_only_its_group(impl):
+@pytest.mark.parametrize("units", UNITS)
+def test_overflowing_dual_cancels_only_its_group(impl, units):
+    # Absolute units: the dual's sums overflow; relative units: the gradient's Σ g² does.
     a = torch.nn.Parameter(torch.ones(3))
     b = torch.nn.Parameter(torch.ones(3))
-    opt = Arturo([{"params": [a]}, {"params": [b]}], outlier_threshold=math.inf, **impl)
+    opt = Arturo(
+        [{"params": [a]}, {"params": [b]}], outlier_threshold=math.inf, units=units, **impl
+    )
     a.grad, b.grad = torch.full((3,), 1e30), torch.ones(3)
     a0, b0 = a.detach().clone(), b.detach().clone()
     lam_a = None

@@ -241,7 +241,7 @@ def test_closure_runs_with_grad_enabled_and_returns_the_loss(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_lr_scheduler_drives_the_kl_bound(impl):
     model = make_model()
-    opt = Arturo(model.parameters(), lr=0.05, **impl)
+    opt = Arturo(model.parameters(), lr=0.05, units="absolute", **impl)  # KL bound = lr
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.01)
     train(model, opt, 4, sched=sched)
     s = opt.stats()[0]
@@ -256,7 +256,11 @@ def test_add_param_group_later(impl):
     train(model, opt, 1)
     opt.add_param_group({"params": model[2].parameters(), "lr": 0.02})
     train(model, opt, 2, start=1)
-    assert len(opt.stats()) == 2 and opt.stats()[1]["kl_bound"] == 0.02
+    # The added group takes the optimizer's units; in relative ones its bound is ε·d.
+    size = sum(p.numel() for p in model[2].parameters())
+    per_lr = size if opt.defaults["units"] == "relative" else 1
+    assert len(opt.stats()) == 2
+    assert opt.stats()[1]["kl_bound"] == pytest.approx(0.02 * per_lr, rel=1e-6)
     assert all(p in opt.state for p in model.parameters())
 
 
@@ -277,8 +281,13 @@ def test_state_dict_holds_all_state(impl):
     train(model, opt, 2)
     sd = opt.state_dict()
     assert len(sd["state"]) == len(list(model.parameters()))
+    keys = (
+        arturo_optimizer.RELATIVE_STATE_KEYS
+        if opt.defaults["units"] == "relative"
+        else arturo_optimizer.PARAM_STATE_KEYS
+    )
     for s in sd["state"].values():
-        assert set(s) == set(arturo_optimizer.PARAM_STATE_KEYS)
+        assert set(s) == set(keys)
         assert float(s["step"]) == 2.0
     for g in sd["param_groups"]:
         assert set(arturo_optimizer.GROUP_STATE_DTYPES) <= set(g)
@@ -435,7 +444,15 @@ def test_every_step_stays_inside_the_trust_region(seed, lr, init_curvature, grad
         for s in [(4, 3), (7,)]
     ]
     wd = 1e-3
-    opt = Arturo(params, lr=lr, weight_decay=wd, init_curvature=init_curvature, foreach=foreach)
+    # Absolute units, whose formulas this transcribes (tests/test_spec.py covers both units).
+    opt = Arturo(
+        params,
+        lr=lr,
+        units="absolute",
+        weight_decay=wd,
+        init_curvature=init_curvature,
+        foreach=foreach,
+    )
     for _ in range(3):
         for p in params:
             p.grad = grad_scale * torch.randn(p.shape, generator=gen, dtype=torch.float64)

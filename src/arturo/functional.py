@@ -791,7 +791,8 @@ def arturo_step(
     when any gradient holds NaN or ±inf, or when any group's gradient scale jumps past its
     ``outlier_threshold`` times its running average: the batch itself is bad. One group is
     cancelled, and counted, when its ε is invalid, or (after the filter, which then has taken
-    the measurement) when its dual sums overflow.
+    the measurement) when its dual sums overflow, or (relative units, before the filter) when
+    a gradient's Σ g² overflows.
     """
     dtype = etas.dtype
     relative = [hp.relative for hp in hparams]
@@ -807,7 +808,23 @@ def arturo_step(
     bad_batch = (
         ~finite | (lr_valid & (lrs > 0) & gradient_outlier(scale_now, grad_scales, threshold)).any()
     )
-    active = ~bad_batch & lr_valid & (lrs > 0)
+    # Relative units: a finite gradient so large that its Σ g² overflows (|g| beyond about
+    # 1.8e19 in float32) has no usable scale. Its group is cancelled before the running mean
+    # square moves, as an overflowing dual cancels its group in either units.
+    unscalable = (
+        torch.stack(
+            [
+                torch.zeros((), dtype=torch.bool, device=lrs.device)
+                if sq is None
+                else ~torch.isfinite(sq).all().to(lrs.device)
+                for sq in sum_squares
+            ]
+        )
+        & ~bad_batch
+        & lr_valid
+        & (lrs > 0)
+    )
+    active = ~bad_batch & lr_valid & (lrs > 0) & ~unscalable
     new_scales = update_gradient_scale(
         scale_now, grad_scales, threshold, finite & lr_valid & (lrs > 0)
     )
@@ -879,6 +896,6 @@ def arturo_step(
     return StepResult(
         eta=torch.where(applied, eta, etas),
         kl=torch.where(applied, kl, 0.0),
-        skipped=bad_batch | ~lr_valid | overflow,
+        skipped=bad_batch | ~lr_valid | overflow | unscalable,
         grad_scale=new_scales,
     )

@@ -64,9 +64,10 @@ def suite(out: Path, data_dir: Path, *args: str) -> int:
 
 
 # ----------------------------------------------------------------------------- settings
-def test_arturo_defaults_are_the_constructors() -> None:
-    built = Arturo([torch.zeros(1, requires_grad=True)]).defaults
-    kwargs = arturo_defaults().optimizer_kwargs()
+@pytest.mark.parametrize("units", ["absolute", "relative"])
+def test_arturo_defaults_are_the_constructors(units: str) -> None:
+    built = Arturo([torch.zeros(1, requires_grad=True)], units=units).defaults
+    kwargs = arturo_defaults(units).optimizer_kwargs()
     for name in HYPERPARAMETERS:
         if name in kwargs:
             assert kwargs[name] == built[name], name

@@ -116,10 +116,9 @@ def test_base_configs_are_the_defaults() -> None:
     from arturo import Arturo
 
     arturo = base_config("arturo", ["arturo.weight_decay=0"])
-    assert (
-        arturo.lr == Arturo([torch.zeros(1, requires_grad=True)]).defaults["lr"]
-        and arturo.weight_decay == 0.0
-    )
+    published = Arturo([torch.zeros(1, requires_grad=True)], units="absolute").defaults
+    assert arturo.units == "absolute" and arturo.lr == published["lr"]
+    assert arturo.weight_decay == 0.0
     with pytest.raises(ValueError, match="no field"):
         base_config("sgd", ["nesterov=1"])
 

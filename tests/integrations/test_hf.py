@@ -20,6 +20,7 @@ from arturo.integrations.hf import (  # noqa: E402
     add_stats_callback,
     trainer_optimizer_kwargs,
 )
+from arturo.optimizer import DEFAULT_UNITS  # noqa: E402
 
 SEQ, VOCAB, SAMPLES = 8, 100, 24
 
@@ -159,11 +160,14 @@ def test_the_default_form_follows_the_units():
     """In absolute units each group would get the whole ε, so the default is one group; in
     relative units the Trainer's split keeps the total bound."""
     model = tiny_llama()
-    absolute = trainer_optimizer_kwargs(model, lr=0.02)
+    absolute = trainer_optimizer_kwargs(model, lr=0.02, units="absolute")
     (opt, _) = absolute["optimizers"]
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["units"] == "absolute"
     relative = trainer_optimizer_kwargs(model, lr=1e-4, units="relative")
     assert relative == {"optimizer_cls_and_kwargs": (Arturo, {"lr": 1e-4, "units": "relative"})}
+    # Without units, the form follows the optimizer's default units.
+    default = trainer_optimizer_kwargs(model, lr=1e-4)
+    assert ("optimizers" in default) == (DEFAULT_UNITS == "absolute")
     split = trainer_optimizer_kwargs(model, one_group=False, lr=0.02)
     assert "optimizer_cls_and_kwargs" in split
 
