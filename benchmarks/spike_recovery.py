@@ -131,8 +131,8 @@ def main() -> None:
     before = ", ".join(f"{n} {fmt(r['losses'][s - 1])}" for n, r in zip(names, firsts, strict=True))
     print(
         f"Linear regression {SAMPLES}x{FEATURES}, full batch, {args.steps} steps, loss x s "
-        f"at step {s}, seed {args.seed}; arturo lr={ARTURO_LR} (defaults otherwise), "
-        f"Adam lr={ADAM_LR}. Loss at step {s - 1}, before any spike: {before}.\n"
+        f"at step {s}, seed {args.seed}; arturo lr={ARTURO_LR} in absolute units (defaults "
+        f"otherwise), Adam lr={ADAM_LR}. Loss at step {s - 1}, before any spike: {before}.\n"
     )
     print(
         f"| optimizer | s | loss at step {s + 1} | loss at step {args.steps} "
