@@ -300,15 +300,15 @@ class Arturo(Optimizer):
     ===========  ==============================  ============================  ===================
     symbol       argument                        state key                     default (rel | abs)
     ===========  ==============================  ============================  ===================
-    ε            ``lr`` (KL bound)               --                            1.47e-5 | 0.0857
+    ε            ``lr`` (KL bound)               --                            7.91e-7 | 0.0857
     κ            ``weight_decay``                --                            0.6 | 1.54e-6
-    ω            ``reg_weight``                  --                            1.98 | 0.0587
+    ω            ``reg_weight``                  --                            12.4 | 0.0587
     λ₀           ``prior_precision``             --                            0.0015
     σ₀²          ``init_variance`` (λ = 1/σ₀²)   ``precision`` (λ)             0.01
     ν            ``precision_inertia``           --                            260 | 1.3
     p₀           ``filter_init_cov``             ``filter_cov_{bb,bh,hh}``     5e-5
-    q            ``filter_process_noise``        --                            7.63e-4 | 0.0174
-    r            ``filter_measurement_noise``    --                            0.0524 | 2.82
+    q            ``filter_process_noise``        --                            1.25e-3 | 0.0174
+    r            ``filter_measurement_noise``    --                            0.0261 | 2.82
     h₀           ``init_curvature``              ``curvature`` (h)             20 | 0.1
     b            --                              ``grad_intercept``            first gradient
     η            --                              group ``eta``                 0
