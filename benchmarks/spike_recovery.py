@@ -1,7 +1,8 @@
 """Recovery after a single gradient spike: arturo next to Adam on a linear regression.
 
 A noiseless linear regression (20 features, 1 output, 256 fixed samples, full batch, MSE) is
-trained from the same seed with ``Arturo(lr=0.05)`` (other arguments default) and with
+trained from the same seed with ``Arturo(lr=0.05, units="absolute")`` (the published units,
+other arguments default) and with
 ``torch.optim.Adam(lr=1e-2)``, and with arturo's gradient-outlier check switched off
 (``outlier_threshold=math.inf``), which shows what the filter's and the dual's own guards
 achieve alone. At one step (``--spike-step``) the loss is multiplied by a
@@ -60,9 +61,9 @@ def train(
     torch.manual_seed(args.seed)  # the same initial weights for every run
     model = torch.nn.Linear(FEATURES, 1)
     if name == "arturo":
-        opt: torch.optim.Optimizer = Arturo(model.parameters(), lr=ARTURO_LR)
+        opt: torch.optim.Optimizer = Arturo(model.parameters(), lr=ARTURO_LR, units="absolute")
     elif name == "arturo-nocheck":  # the filter's and the dual's own guards alone
-        opt = Arturo(model.parameters(), lr=ARTURO_LR, outlier_threshold=math.inf)
+        opt = Arturo(model.parameters(), lr=ARTURO_LR, units="absolute", outlier_threshold=math.inf)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=ADAM_LR)
 
@@ -130,8 +131,8 @@ def main() -> None:
     before = ", ".join(f"{n} {fmt(r['losses'][s - 1])}" for n, r in zip(names, firsts, strict=True))
     print(
         f"Linear regression {SAMPLES}x{FEATURES}, full batch, {args.steps} steps, loss x s "
-        f"at step {s}, seed {args.seed}; arturo lr={ARTURO_LR} (defaults otherwise), "
-        f"Adam lr={ADAM_LR}. Loss at step {s - 1}, before any spike: {before}.\n"
+        f"at step {s}, seed {args.seed}; arturo lr={ARTURO_LR} in absolute units (defaults "
+        f"otherwise), Adam lr={ADAM_LR}. Loss at step {s - 1}, before any spike: {before}.\n"
     )
     print(
         f"| optimizer | s | loss at step {s + 1} | loss at step {args.steps} "

@@ -353,8 +353,8 @@ def epoch_time(device: torch.device, batches: int | None) -> list[dict[str, obje
     order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for name, make in (
-        ("arturo (default)", lambda p: Arturo(p)),
-        ("arturo (fused)", lambda p: Arturo(p, fused=True)),
+        ("arturo (absolute)", lambda p: Arturo(p, units="absolute")),
+        ("arturo (fused, absolute)", lambda p: Arturo(p, units="absolute", fused=True)),
         ("Adam", lambda p: torch.optim.Adam(p, lr=1e-3)),
     ):
         torch.manual_seed(0)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     x = torch.randn(32 * args.steps * args.accumulate, 16)
     y = x[:, :4].sum(dim=1, keepdim=True).tanh()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
-    optimizer = Arturo(model.parameters(), lr=0.05)
+    optimizer = Arturo(model.parameters())  # the unit-free defaults
     # Linear warmup of the KL bound ε, stepped once per optimizer step.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, step / args.warmup)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             gradient_accumulation_steps=2,
             lr_scheduler_type="linear",
             warmup_steps=max(1, args.steps // 10),
-            weight_decay=1e-4,  # Arturo's κ for the weights; biases and norms get none
+            weight_decay=0.6,  # Arturo's κ for the weights (its default); biases and norms get none
             logging_steps=max(1, args.steps // 5),
             save_strategy="no",
             report_to=[],
@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model=model,
             args=training_args,
             train_dataset=RandomTokens(8 * args.steps, 16, config.vocab_size),
-            # Arturo's lr is the KL bound ε (here its relative-units default, per coordinate);
-            # TrainingArguments.learning_rate is not used. In relative units the Trainer's two
-            # groups (weights decayed, biases and norms not) keep one total budget.
-            **trainer_optimizer_kwargs(model, units="relative"),
+            # Arturo's lr is the KL bound ε (its default here, per coordinate in the default
+            # relative units); TrainingArguments.learning_rate is not used. In relative units
+            # the Trainer's two groups (weights decayed, biases and norms not) keep one total
+            # budget.
+            **trainer_optimizer_kwargs(model),
         )
         add_stats_callback(trainer)  # ahead of the report_to callbacks, so they see it
         trainer.train()

@@ -40,9 +40,10 @@ class Regressor(pl.LightningModule):
         # region: docs/integrations.md, "Param groups and the trust region".
         decay = [p for p in self.parameters() if p.ndim > 1]
         no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        # Relative units (the default): each group's bound is ε times its size, so the two
+        # groups together have the budget one group would have.
         optimizer = Arturo(
-            [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=0.05,
+            [{"params": decay, "weight_decay": 0.6}, {"params": no_decay, "weight_decay": 0.0}]
         )
         warmup = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, step / self.warmup_steps)

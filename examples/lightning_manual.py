@@ -43,7 +43,7 @@ class ManualRegressor(pl.LightningModule):
         self.log("train_loss", loss)
 
     def configure_optimizers(self):
-        optimizer = Arturo(self.parameters(), lr=0.05)
+        optimizer = Arturo(self.parameters())  # the unit-free defaults
         warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
         return {"optimizer": optimizer, "lr_scheduler": warmup}
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 1)
     ).to(device)
-    optimizer = Arturo(model.parameters(), lr=0.05)
+    optimizer = Arturo(model.parameters())  # the unit-free defaults
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device, enabled=args.amp == "fp16")

@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "outlier_threshold": 100.0,
     },
 }
-DEFAULT_UNITS = "absolute"  # until the relative mode's defaults are chosen on the suite
+DEFAULT_UNITS = "relative"  # the unit-free mode; "absolute" is the paper's (docs/defaults.md)
 DEFAULT_LR = PRESETS[DEFAULT_UNITS]["lr"]
 
 
@@ -273,6 +273,13 @@ class Arturo(Optimizer):
     Hessian diagonal. Each step minimises the model plus a prior term inside KL ≤ ε, with
     ε = ``lr``. docs/algorithm.md is the full specification.
 
+    Two modes of units. ``units="relative"`` (the default) is unit-free: ε is a KL budget per
+    coordinate (a group's bound is ε times its number of coordinates), and ω, ν and h₀ are in
+    units of each tensor's running gradient RMS s, so a loss multiplied by any constant gives
+    the same trajectory. ``units="absolute"`` is the published algorithm, bitwise, with the
+    paper's Fashion-MNIST CNN values as its defaults. The formulas below are the absolute ones;
+    the relative mode replaces ωλ₀ by ωλ₀s, a by a/s in the λ update, h₀ by h₀s and ε by ε·d.
+
     .. math::
         \begin{aligned}
         &P_{00} \mathrel{+}= q,\; P_{11} \mathrel{+}= q;\quad
@@ -288,28 +295,34 @@ class Arturo(Optimizer):
           \lambda \leftarrow (a + \nu\lambda) / (\omega + \nu)
         \end{aligned}
 
-    ===========  ==============================  ============================  ==============
-    symbol       argument                        state key                     default
-    ===========  ==============================  ============================  ==============
-    ε            ``lr`` (KL bound)               --                            0.0857
-    κ            ``weight_decay``                --                            1.54e-6
-    ω            ``reg_weight``                  --                            0.0587
+    Defaults (:data:`PRESETS`), relative units | absolute units:
+
+    ===========  ==============================  ============================  ===================
+    symbol       argument                        state key                     default (rel | abs)
+    ===========  ==============================  ============================  ===================
+    ε            ``lr`` (KL bound)               --                            7.91e-7 | 0.0857
+    κ            ``weight_decay``                --                            0.6 | 1.54e-6
+    ω            ``reg_weight``                  --                            12.4 | 0.0587
     λ₀           ``prior_precision``             --                            0.0015
     σ₀²          ``init_variance`` (λ = 1/σ₀²)   ``precision`` (λ)             0.01
-    ν            ``precision_inertia``           --                            1.3
+    ν            ``precision_inertia``           --                            260 | 1.3
     p₀           ``filter_init_cov``             ``filter_cov_{bb,bh,hh}``     5e-5
-    q            ``filter_process_noise``        --                            0.0174
-    r            ``filter_measurement_noise``    --                            2.82
-    h₀           ``init_curvature``              ``curvature`` (h)             0.1
+    q            ``filter_process_noise``        --                            1.25e-3 | 0.0174
+    r            ``filter_measurement_noise``    --                            0.0261 | 2.82
+    h₀           ``init_curvature``              ``curvature`` (h)             20 | 0.1
     b            --                              ``grad_intercept``            first gradient
     η            --                              group ``eta``                 0
     --           ``outlier_threshold``           group ``grad_scale``          100
-    ===========  ==============================  ============================  ==============
+    s²           --                              ``grad_sq_avg`` (relative)    first mean(g²)
+    ===========  ==============================  ============================  ===================
 
     Args:
         params: parameters or param groups. Each group is its own trust region with its own ε
             and η; to reproduce the published code exactly, use a single group.
-        lr: the KL bound ε of each step. LR schedulers drive it like any learning rate.
+        lr: the KL bound ε of each step (relative units: per coordinate). LR schedulers drive
+            it like any learning rate. Default: the preset of ``units``.
+        units: ``"relative"`` (default, unit-free) or ``"absolute"`` (the published
+            semantics). Every hyperparameter left ``None`` takes that mode's preset.
         weight_decay: decoupled weight decay κ; the mean shrinks by a factor (1 − ε·κ).
         reg_weight: weight ω of the KL to the zero-mean prior N(0, 1/λ₀).
         prior_precision: precision λ₀ of that prior. ω·λ₀ > 0 keeps every coordinate's
@@ -347,7 +360,7 @@ class Arturo(Optimizer):
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
-        >>> opt = Arturo(model.parameters(), lr=0.05)
+        >>> opt = Arturo(model.parameters())
         >>> loss = model(torch.randn(8, 4)).square().mean()
         >>> loss.backward()
         >>> opt.step()

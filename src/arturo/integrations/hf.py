@@ -40,7 +40,7 @@ def trainer_optimizer_kwargs(
     """Keyword arguments for ``Trainer(...)`` that make it train with Arturo::
 
         Trainer(model=model, args=args, train_dataset=data,
-                **trainer_optimizer_kwargs(model, lr=0.05))
+                **trainer_optimizer_kwargs(model))
 
     ``arturo_kwargs`` go to :class:`~arturo.Arturo`; its ``lr`` is the KL bound ε, and
     ``TrainingArguments.learning_rate`` is not used. The Trainer's LR scheduler (with its
