@@ -318,7 +318,8 @@ class Arturo(Optimizer):
 
     Args:
         params: parameters or param groups. Each group is its own trust region with its own ε
-            and η; to reproduce the published code exactly, use a single group.
+            and η; to reproduce the published code exactly, use one group and
+            ``units="absolute"``.
         lr: the KL bound ε of each step (relative units: per coordinate). LR schedulers drive
             it like any learning rate. Default: the preset of ``units``.
         units: ``"relative"`` (default, unit-free) or ``"absolute"`` (the published
