@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -205,10 +206,21 @@ def _wait_for_running_trial(url: str, name: str, child: subprocess.Popen) -> Non
             states = [t.state for t in load(url, name).trials]
         except Exception:  # not created yet, or the file is being written
             states = []
-        if states == [TrialState.COMPLETE, TrialState.RUNNING]:
+        # Optuna fails only stale trials that have a heartbeat on record; under CPU load the
+        # child's heartbeat thread can lag the RUNNING state, so wait for its first beat too.
+        if states == [TrialState.COMPLETE, TrialState.RUNNING] and _has_heartbeat(url):
             return
         time.sleep(0.2)
     raise AssertionError("no second trial started within 120 s")
+
+
+def _has_heartbeat(url: str) -> bool:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        beats = db.execute(
+            "SELECT count(*) FROM trial_heartbeats JOIN trials USING (trial_id)"
+            " WHERE trials.state = 'RUNNING'"
+        )
+        return beats.fetchone()[0] > 0
 
 
 def test_a_diverging_trial_is_pruned_and_counts(tmp_path: Path) -> None:
