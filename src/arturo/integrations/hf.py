@@ -1,7 +1,7 @@
 """Arturo in Hugging Face ``transformers.Trainer`` and ``accelerate``.
 
 - :func:`trainer_optimizer_kwargs`: the keyword arguments that make a ``Trainer`` use Arturo,
-  in whichever form the installed ``transformers`` accepts;
+  with one param group or the Trainer's split;
 - :class:`ArturoStatsCallback` and :func:`add_stats_callback`: Arturo's :meth:`~arturo.Arturo.stats`
   (η, KL, its bound, skipped steps) in the Trainer's logs, read only at logging steps;
 - :func:`~arturo.integrations.unwrap_optimizer`: the Arturo inside Accelerate's
@@ -13,11 +13,10 @@ docs/integrations.md.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 try:
-    from transformers import Trainer, TrainerCallback
+    from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "arturo.integrations.hf needs transformers; install it with pip install 'arturo[hf]'"
@@ -53,13 +52,12 @@ def trainer_optimizer_kwargs(
     there the default is one group. ``one_group``: ``None`` (default) chooses by the units;
     ``True`` returns ``optimizers=(Arturo(...), None)`` with all trainable parameters of
     ``model`` in one group (with Arturo's own ``weight_decay``), which needs ``model``;
-    ``False`` lets the Trainer split (``optimizer_cls_and_kwargs``, where ``Trainer`` takes
-    it). docs/integrations.md has the recipes.
+    ``False`` lets the Trainer split (``optimizer_cls_and_kwargs``, new in transformers
+    4.47, this extra's floor). docs/integrations.md has the recipes.
     """
     if one_group is None:
         one_group = arturo_kwargs.get("units", DEFAULT_UNITS) != "relative"
-    accepts_cls = "optimizer_cls_and_kwargs" in inspect.signature(Trainer.__init__).parameters
-    if accepts_cls and not one_group:
+    if not one_group:
         return {"optimizer_cls_and_kwargs": (Arturo, dict(arturo_kwargs))}
     if model is None:
         raise TypeError(
