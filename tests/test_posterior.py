@@ -1,5 +1,5 @@
-"""The posterior: Arturo.posterior_variance, Arturo.sampled_params, arturo.predict and
-arturo.predict_regression (docs/uncertainty.md)."""
+"""The posterior: Arturo.posterior_variance, Arturo.sampled_params, arturo.predict,
+arturo.predict_regression and arturo.fit_sampling_temperature (docs/uncertainty.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from arturo import Arturo, predict, predict_regression
+from arturo import Arturo, fit_sampling_temperature, predict, predict_regression
+from arturo.posterior import mean_nll, minimize_log_scalar
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -427,6 +428,112 @@ def test_predict_regression_mean_and_variance_over_samples():
 
     _, one = predict_regression(model, opt, x, samples=1)
     assert torch.equal(one, torch.zeros_like(one))
+
+
+# ----------------------------------------------------------------------------------------------
+# fit_sampling_temperature, and the pieces it is made of
+# ----------------------------------------------------------------------------------------------
+
+
+def test_mean_nll_against_a_hand_computation():
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [1.0, 0.0]])
+    targets = torch.tensor([0, 1, 0])
+    expected = -(math.log(0.5) + math.log(0.1) + 0.0) / 3
+    assert mean_nll(probs, targets) == pytest.approx(expected, rel=1e-6)
+    # A probability that underflowed to 0 costs -log(float32 tiny), not inf.
+    capped = mean_nll(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
+    assert capped == pytest.approx(-math.log(torch.finfo(torch.float32).tiny))
+
+
+def test_minimize_log_scalar_finds_the_minimum():
+    found = minimize_log_scalar(lambda t: (math.log(t) - math.log(0.03)) ** 2, 1e-4, 1e2)
+    assert found == pytest.approx(0.03, rel=0.01)
+    for lo, hi in [(0.0, 1.0), (2.0, 1.0), (1.0, math.inf)]:
+        with pytest.raises(ValueError, match="0 < lo < hi"):
+            minimize_log_scalar(lambda t: t, lo, hi)
+    with pytest.raises(ValueError, match="grid"):
+        minimize_log_scalar(lambda t: t, 1e-4, 1e2, grid=1)
+
+
+def test_minimize_log_scalar_grid_finds_a_minimum_that_a_plain_search_misses():
+    # Flat and slightly rising over most of the range, then falling to the upper bound: the
+    # shape of a sampled NLL whose best temperature is large. Not unimodal, so a plain
+    # golden-section search can stall in the flat part; the grid scan sees the fall.
+    def bumpy(t):
+        u = math.log10(t)
+        return 1e-3 * u if u < 1 else 0.01 - 0.05 * (u - 1)
+
+    plain = minimize_log_scalar(bumpy, 1e-4, 1e2, iterations=8)
+    assert math.log10(plain) < 1  # stuck in the flat part
+    assert minimize_log_scalar(bumpy, 1e-4, 1e2, iterations=8, grid=7) == pytest.approx(1e2)
+    smooth = minimize_log_scalar(lambda t: (math.log(t) - math.log(0.03)) ** 2, 1e-4, 1e2, grid=7)
+    assert smooth == pytest.approx(0.03, rel=0.01)
+
+
+def _held_out(seed=5, n=64):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _nll_at(model, opt, x, y, temperature, seed, dataset_size):
+    gen = torch.Generator().manual_seed(seed)
+    probs = predict(
+        model, opt, x, samples=8, generator=gen, dataset_size=dataset_size, temperature=temperature
+    )
+    return mean_nll(probs, y)
+
+
+@pytest.mark.parametrize("units", UNITS)
+def test_fitted_temperature_beats_every_grid_point_on_the_same_draws(units):
+    model, opt, _ = make_classifier(units)
+    x, y = _held_out()
+    fitted = fit_sampling_temperature(
+        model, opt, x, y, samples=8, dataset_size=20, generator=torch.Generator().manual_seed(3)
+    )
+    assert 1e-4 <= fitted <= 1e2
+    best = _nll_at(model, opt, x, y, fitted, seed=3, dataset_size=20)
+    grid = [_nll_at(model, opt, x, y, 10.0**k, seed=3, dataset_size=20) for k in range(-4, 3)]
+    assert best <= min(grid) + 1e-6
+
+
+def test_fit_is_reproducible_and_changes_nothing():
+    model, opt, _ = make_classifier("relative")
+    x, y = _held_out()
+    means = [p.detach().clone() for p in model.parameters()]
+    state = clone_state(opt)
+    gen = torch.Generator().manual_seed(11)
+    before = gen.get_state()
+    first = fit_sampling_temperature(model, opt, x, y, samples=4, generator=gen, iterations=6)
+    assert torch.equal(gen.get_state(), before)  # restored: the fit consumes no randomness
+    again = fit_sampling_temperature(model, opt, x, y, samples=4, generator=gen, iterations=6)
+    assert first == again
+    other = fit_sampling_temperature(
+        model, opt, x, y, samples=4, generator=torch.Generator().manual_seed(12), iterations=6
+    )
+    assert other != first  # other draws, another optimum: the seed does reach the samples
+    for p, mean in zip(model.parameters(), means, strict=True):
+        assert_bitwise_equal(p.detach(), mean)
+    after = clone_state(opt)
+    for key in state:
+        assert_bitwise_equal(after[key], state[key])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"samples": 0}, "samples"),
+        ({"samples": -1}, "samples"),
+        ({"dataset_size": 0}, "dataset_size"),
+        ({"bounds": (0.0, 1.0)}, "bounds"),
+        ({"bounds": (1.0, 0.5)}, "bounds"),
+        ({"iterations": 0}, "iterations"),
+    ],
+)
+def test_fit_sampling_temperature_rejects_bad_arguments(kwargs, name):
+    model, opt, _ = make_classifier()
+    x, y = _held_out()
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        fit_sampling_temperature(model, opt, x, y, **({"samples": 2} | kwargs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -878,9 +878,11 @@ class Arturo(Optimizer):
         training set of N examples whose mean loss is being minimised, with the prior term
         ω·λ₀ acting per example (prior precision N·ω·λ₀). Measured on Fashion-MNIST it is about
         the right width for the full training set but much too wide for a small subset
-        (docs/uncertainty.md, "Scarce data"): for a small training set, fit
-        ``sampled_params``'s ``temperature`` on held-out data. ValueError for a relative-units tensor that has no
-        gradient scale yet (all its gradients were 0). KeyError for a parameter without state.
+        (docs/uncertainty.md, "Scarce data"): for a small training set, fit the sampling
+        temperature on held-out data (:func:`arturo.fit_sampling_temperature`).
+
+        ValueError for a relative-units tensor that has no gradient scale yet (all its
+        gradients were 0). KeyError for a parameter without state.
         """
         dataset_size = check_dataset_size(dataset_size)
         self._param_state(p)  # KeyError, with its message, before anything else

@@ -15,28 +15,25 @@ of softmax(logits / T); it changes confidence, never the predicted class.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
+
+from arturo.posterior import mean_nll
 
 __all__ = [
     "ECE_BINS",
     "classification_metrics",
     "reliability_bins",
     "fit_temperature",
-    "minimize_log_scalar",
     "predictive_entropy",
     "ood_auroc",
 ]
 
 ECE_BINS = 15
 
-# NLL of a probability that underflowed to 0 would be inf and swamp the mean; the smallest
-# normal float32 caps one example's NLL at about 87.3 nats instead.
+# log of a probability that underflowed to 0 would be -inf; 0·log 0 must count as 0.
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -56,14 +53,13 @@ def classification_metrics(
     probability vector and the one-hot label, summed over classes, mean over examples) and
     ECE with ``n_bins`` equal-width bins, of predicted probabilities (N, C)."""
     probs, labels = _checked(probs, labels)
-    p_true = probs.gather(1, labels[:, None]).squeeze(1)
     onehot = F.one_hot(labels, probs.shape[1]).to(probs.dtype)
     ece = multiclass_calibration_error(
         probs, labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
     )
     return {
         "acc": (probs.argmax(1) == labels).double().mean().item(),
-        "nll": -p_true.clamp_min(_TINY).double().log().mean().item(),
+        "nll": mean_nll(probs, labels),
         "brier": (probs - onehot).double().pow(2).sum(1).mean().item(),
         "ece": float(ece),
     }
@@ -108,31 +104,6 @@ def fit_temperature(logits: Tensor, labels: Tensor, max_iter: int = 100) -> floa
 
     opt.step(closure)
     return float(log_t.detach().exp())
-
-
-def minimize_log_scalar(
-    f: Callable[[float], float], lo: float, hi: float, *, iterations: int = 20
-) -> float:
-    """The x in [lo, hi] (0 < lo < hi) that minimises ``f``, by golden-section search on
-    log x: for objectives with no cheap gradient (a sampled model average's NLL as a function
-    of the sampling temperature). Assumes ``f`` unimodal in log x; 20 iterations narrow the
-    log-interval by a factor of about 15,000."""
-    if not 0 < lo < hi:
-        raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
-    inv_phi = (math.sqrt(5) - 1) / 2
-    a, b = math.log(lo), math.log(hi)
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = f(math.exp(c)), f(math.exp(d))
-    for _ in range(iterations):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = f(math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = f(math.exp(d))
-    return math.exp(c if fc <= fd else d)
 
 
 def predictive_entropy(probs: Tensor) -> Tensor:

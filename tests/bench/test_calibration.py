@@ -17,7 +17,6 @@ from arturo_bench import configs as C
 from arturo_bench.calibration import (
     classification_metrics,
     fit_temperature,
-    minimize_log_scalar,
     ood_auroc,
     predictive_entropy,
     reliability_bins,
@@ -67,13 +66,6 @@ def test_temperature_scaling_recovers_a_known_temperature() -> None:
     # Logits 2.5 times too large are overconfident; T = 2.5 undoes that.
     assert fit_temperature(calibrated * 2.5, labels) == pytest.approx(2.5, rel=0.05)
     assert fit_temperature(calibrated * 0.5, labels) == pytest.approx(0.5, rel=0.05)
-
-
-def test_minimize_log_scalar_finds_the_minimum() -> None:
-    found = minimize_log_scalar(lambda t: (math.log(t) - math.log(0.03)) ** 2, 1e-4, 1e2)
-    assert found == pytest.approx(0.03, rel=0.01)
-    with pytest.raises(ValueError, match="0 < lo < hi"):
-        minimize_log_scalar(lambda t: t, 0.0, 1.0)
 
 
 def test_ood_auroc_of_separable_and_reversed_cases() -> None:
