@@ -248,7 +248,7 @@ def minimize_log_scalar(
             d = a + inv_phi * (b - a)
             fd = f(math.exp(d))
     # The grid's best point stays a candidate: at a bound it is never inside the bracket.
-    value, t = min([*scanned, (fc, c), (fd, d)])
+    _, t = min([*scanned, (fc, c), (fd, d)])
     return math.exp(t)
 
 
