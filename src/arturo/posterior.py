@@ -280,7 +280,7 @@ def fit_sampling_temperature(
     the parameters' device, seeded from torch's default generator. A result at a bound means
     the optimum may lie beyond it; at the lower bound, sampling did not help on these data.
     """
-    samples, _, dataset_size = _validated(samples, 1.0, dataset_size)
+    samples, dataset_size = _check_samples(samples), check_dataset_size(dataset_size)
     if samples == 0:
         raise ValueError("Invalid samples: 0 (fitting a sampling temperature needs samples >= 1)")
     lo, hi = bounds
